@@ -1,0 +1,1 @@
+"""The `dlsr` console script: wires the packages' subcommands together."""

@@ -1,0 +1,55 @@
+"""`dlsr` entry point. Each package registers its own subcommands; settings are built here, once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from cli import bench_cmd, config_cmd, monitor_cmd, ops_cmd, trainer_cmd
+from config import Settings
+from config.errors import StartupError, settings_error_lines
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command tree; subcommands come from each package's `commands.register`."""
+    parser = _Parser(prog="dlsr", description="DLSR Monitor: streaming OOD and drift detection for image streams.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for register in (
+        monitor_cmd.register,
+        ops_cmd.register,
+        trainer_cmd.register,
+        bench_cmd.register,
+        config_cmd.register,
+    ):
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for line in settings_error_lines(exc):
+            print(f"dlsr: {line}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args, settings) or 0)
+    except StartupError as exc:
+        print(f"dlsr: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""`dlsr` subcommands: monitor. Heavy imports (torch, kafka, redis) stay inside handlers so --help is fast."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add these subcommands; each sets `handler(args, settings) -> int`."""

@@ -1,0 +1,1 @@
+"""DLSR Monitor streaming service."""

@@ -1,0 +1,1 @@
+"""DLSR refit service."""
