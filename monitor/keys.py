@@ -1,0 +1,99 @@
+"""Every Redis key DLSR Monitor writes, in one place, all under a configurable prefix.
+
+Monitor and trainer both import this module, so the layout cannot drift between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one deployment (`prefix`, e.g. "dlsr" or a per-test namespace)."""
+
+    prefix: str = "dlsr"
+
+    def _k(self, *parts: object) -> str:
+        return ":".join([self.prefix, *(str(p) for p in parts)])
+
+    # --- model registry (monitor/registry.py) ---------------------------------------------------
+    def model_current(self) -> str:
+        """String: the live model version (moved by compare-and-set)."""
+        return self._k("model", "current")
+
+    def model_previous(self) -> str:
+        """List: earlier live versions, newest first (what `rollback` returns to)."""
+        return self._k("model", "previous")
+
+    def model_versions(self) -> str:
+        """Sorted set: every registered version, scored by creation time."""
+        return self._k("model", "versions")
+
+    def model_entry(self, version: str) -> str:
+        """Hash: artifact URI, sha256, threshold, alpha, data sizes, gates, parent, created time."""
+        return self._k("model", "v", version)
+
+    # --- baseline reservoir and thresholds (monitor/state.py) -----------------------------------
+    def baseline(self, version: str) -> str:
+        """Capped reservoir of vetted-ID scores for one model version."""
+        return self._k("baseline", version)
+
+    def baseline_meta(self, version: str) -> str:
+        """Hash: reservoir size seen, current conformal threshold, alpha."""
+        return self._k("baseline", version, "meta")
+
+    # --- per-source windows and drift (monitor/state.py) ----------------------------------------
+    def sources(self) -> str:
+        """Sorted set: every source seen, scored by last-seen time."""
+        return self._k("sources")
+
+    def window_bucket(self, source: str, bucket: int) -> str:
+        """Hash: images, ood, score_sum for one source in one time bucket (with TTL)."""
+        return self._k("win", source, bucket)
+
+    def drift(self, source: str) -> str:
+        """Hash: drift state of one source (state, statistic, since, window counts)."""
+        return self._k("drift", source)
+
+    def watermark(self, group: str, topic: str, partition: int) -> str:
+        """String: highest input offset whose Redis effects are applied (idempotent replays)."""
+        return self._k("wm", group, topic, partition)
+
+    # --- liveness and alerts -------------------------------------------------------------------
+    def heartbeat(self, instance_id: str) -> str:
+        """Hash with TTL: instance, model version, rate, consumer lag, last beat."""
+        return self._k("hb", instance_id)
+
+    def heartbeats(self) -> str:
+        """Sorted set: monitor instances by last heartbeat time."""
+        return self._k("hb", "index")
+
+    def recent_alerts(self) -> str:
+        """Capped list of the latest alerts (JSON), for the dashboard."""
+        return self._k("alerts", "recent")
+
+    # --- trainer (trainer/) --------------------------------------------------------------------
+    def trainer_lock(self) -> str:
+        """String with expiry: holder of the one-job-at-a-time lock."""
+        return self._k("trainer", "lock")
+
+    def trainer_trigger(self) -> str:
+        """String: a pending manual trigger (set by `dlsr trainer trigger`)."""
+        return self._k("trainer", "trigger")
+
+    def trainer_jobs(self) -> str:
+        """Sorted set: job ids by start time."""
+        return self._k("trainer", "jobs")
+
+    def trainer_job(self, job_id: str) -> str:
+        """Hash: one job's trigger, start, duration, data sizes, gate results, outcome."""
+        return self._k("trainer", "job", job_id)
+
+    def vetted_new(self) -> str:
+        """Integer: vetted images arrived since the last refit."""
+        return self._k("vetted", "new")
+
+    def all_pattern(self) -> str:
+        """Glob for every key under this prefix (tests use it to clean up)."""
+        return f"{self.prefix}:*"
