@@ -1,0 +1,422 @@
+"""Model registry: a content-addressed artifact store on disk plus version entries and the live pointer in Redis.
+
+The store is a directory (a volume in compose): `<store>/<digest>/` holds one saved detector, where the digest is
+`artifact_digest(path)`. Redis holds, per version, a hash entry (artifact URI, sha256, threshold, alpha, data
+sizes, gate results, parent, created time), a sorted set of all versions, the current pointer and a list of the
+earlier live versions for rollback. The pointer only moves through Lua scripts that compare it with the value the
+caller expects, so two writers can never silently overwrite each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monitor.keys import Keys
+
+ANY = object()
+"""Sentinel for `expected=`: move the pointer whatever it currently is (still atomic, no check)."""
+
+MAX_PREVIOUS = 50
+"""Longest rollback history kept in Redis."""
+
+REJECTED_DIR = "rejected"
+"""Sub-directory of the store where candidates that failed a gate are kept for inspection."""
+
+
+class RegistryError(RuntimeError):
+    """A registry operation could not be done; the message says what and what to do."""
+
+
+class VersionNotFoundError(RegistryError):
+    """The named model version is not registered."""
+
+
+class PointerConflictError(RegistryError):
+    """The current pointer was not what the caller expected (someone else moved it first)."""
+
+    def __init__(self, expected: str | None, actual: str | None) -> None:
+        super().__init__(
+            f"current model is {actual or 'none'}, expected {expected or 'none'}: another trainer or operator "
+            "moved it first; re-read the registry and retry"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+# --------------------------------------------------------------------------------------------------------
+# digest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fallback_digest(path: Path) -> str:
+    # Used only when dlsr.artifacts is not importable: sha256 over the sorted (relative path, file sha256) list.
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\t{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def artifact_digest(path: str | Path) -> str:
+    """Content digest of a saved detector directory (the store key and the registry's sha256)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RegistryError(f"artifact {path} is not a directory: pass the folder written by detector.save()")
+    try:
+        from dlsr.artifacts import artifact_digest as dlsr_digest
+    except ImportError:
+        return _fallback_digest(path)
+    return str(dlsr_digest(path))
+
+
+# --------------------------------------------------------------------------------------------------------
+# entries
+
+
+def _s(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model version."""
+
+    version: str
+    uri: str
+    sha256: str
+    threshold: float
+    alpha: float
+    data_sizes: dict[str, int] = field(default_factory=dict)
+    gates: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+    created: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_hash(self) -> dict[str, str]:
+        """Redis hash fields (strings; dicts as JSON)."""
+        return {
+            "version": self.version,
+            "uri": self.uri,
+            "sha256": self.sha256,
+            "threshold": repr(float(self.threshold)),
+            "alpha": repr(float(self.alpha)),
+            "data_sizes": json.dumps(self.data_sizes, sort_keys=True),
+            "gates": json.dumps(self.gates, sort_keys=True, default=str),
+            "parent": self.parent or "",
+            "created": repr(float(self.created)),
+            "extra": json.dumps(self.extra, sort_keys=True, default=str),
+        }
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> ModelEntry:
+        """Inverse of `to_hash` (accepts bytes or str keys and values)."""
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        return cls(
+            version=h["version"] or "",
+            uri=h.get("uri") or "",
+            sha256=h.get("sha256") or "",
+            threshold=float(h.get("threshold") or "nan"),
+            alpha=float(h.get("alpha") or "nan"),
+            data_sizes=json.loads(h.get("data_sizes") or "{}"),
+            gates=json.loads(h.get("gates") or "{}"),
+            parent=h.get("parent") or None,
+            created=float(h.get("created") or 0.0),
+            extra=json.loads(h.get("extra") or "{}"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able view (for `dlsr model list --json` and alerts)."""
+        return {
+            "version": self.version,
+            "uri": self.uri,
+            "sha256": self.sha256,
+            "threshold": self.threshold,
+            "alpha": self.alpha,
+            "data_sizes": self.data_sizes,
+            "gates": self.gates,
+            "parent": self.parent,
+            "created": self.created,
+            "extra": self.extra,
+        }
+
+
+def version_number(version: str) -> int:
+    """Numeric part of "v12" (for sorting); -1 when it has none."""
+    digits = version.lstrip("v")
+    return int(digits) if digits.isdigit() else -1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Lua: every pointer move is one atomic script
+
+# Register a new entry under the next version number. Entries are never deleted, so ZCARD + 1 is monotone.
+_REGISTER = """
+local n = redis.call('ZCARD', KEYS[1]) + 1
+local version = 'v' .. n
+local entry = ARGV[1] .. version
+while redis.call('EXISTS', entry) == 1 do
+  n = n + 1
+  version = 'v' .. n
+  entry = ARGV[1] .. version
+end
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', entry, ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', entry, 'version', version)
+redis.call('ZADD', KEYS[1], ARGV[2], version)
+return version
+"""
+
+# KEYS: current, previous, entry(version). ARGV: version, check(0/1), expected ('' = none), max previous.
+_PROMOTE = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing', ''} end
+local cur = redis.call('GET', KEYS[1])
+if not cur then cur = '' end
+if ARGV[2] == '1' and cur ~= ARGV[3] then return {'conflict', cur} end
+if cur == ARGV[1] then return {'same', cur} end
+if cur ~= '' then
+  redis.call('LPUSH', KEYS[2], cur)
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return {'ok', cur}
+"""
+
+# KEYS: current, previous. ARGV: check(0/1), expected. Pops the newest earlier version and makes it current.
+_ROLLBACK = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then cur = '' end
+if ARGV[1] == '1' and cur ~= ARGV[2] then return {'conflict', cur} end
+local prev = redis.call('LPOP', KEYS[2])
+while prev and prev == cur do prev = redis.call('LPOP', KEYS[2]) end
+if not prev then return {'empty', cur} end
+redis.call('SET', KEYS[1], prev)
+return {'ok', prev, cur}
+"""
+
+
+class Registry:
+    """Artifact store + Redis registry for one deployment.
+
+    Args:
+        redis: a `redis.Redis` client (either `decode_responses` setting works).
+        keys: the deployment's key layout.
+        store_root: the content-addressed store directory (created if missing).
+    """
+
+    def __init__(self, redis: Any, keys: Keys, store_root: str | Path) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.store_root = Path(store_root)
+        self._register = redis.register_script(_REGISTER)
+        self._promote = redis.register_script(_PROMOTE)
+        self._rollback = redis.register_script(_ROLLBACK)
+
+    # ---- store ------------------------------------------------------------------------------------
+    def artifact_path(self, entry_or_digest: ModelEntry | str) -> Path:
+        """Where an artifact lives in this process's store (the store may be mounted at different paths)."""
+        digest = entry_or_digest.sha256 if isinstance(entry_or_digest, ModelEntry) else entry_or_digest
+        return self.store_root / digest
+
+    def store_artifact(self, src: str | Path, *, move: bool = False) -> tuple[str, Path]:
+        """Copy (or move) a saved detector directory into the store, atomically; returns (digest, path).
+
+        The copy is written to a temporary sibling, its digest computed from the copy (so a source changing
+        underneath cannot mislabel it), then renamed into place. Storing identical content twice is a no-op.
+        """
+        src = Path(src)
+        if not src.is_dir():
+            raise RegistryError(f"artifact {src} not found: pass the directory written by detector.save()")
+        self.store_root.mkdir(parents=True, exist_ok=True)
+        tmp = self.store_root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            if move:
+                shutil.move(str(src), str(tmp))
+            else:
+                shutil.copytree(src, tmp)
+            digest = artifact_digest(tmp)
+            dest = self.store_root / digest
+            if dest.exists():
+                shutil.rmtree(tmp)
+            else:
+                try:
+                    os.rename(tmp, dest)
+                except OSError:
+                    # Another process stored the same content between our check and the rename.
+                    if not dest.exists():
+                        raise
+                    shutil.rmtree(tmp)
+            return digest, dest
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def keep_rejected(self, src: str | Path, name: str) -> Path:
+        """Move a candidate that failed a gate to `<store>/rejected/<name>/` for inspection; returns the path."""
+        dest = self.store_root / REJECTED_DIR / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(src), str(dest))
+        return dest
+
+    # ---- registry ---------------------------------------------------------------------------------
+    def register(
+        self,
+        artifact_dir: str | Path,
+        *,
+        threshold: float,
+        alpha: float,
+        data_sizes: Mapping[str, int] | None = None,
+        gates: Mapping[str, Any] | None = None,
+        parent: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        move: bool = False,
+    ) -> ModelEntry:
+        """Store the artifact and add a registry entry under the next version number; does not promote."""
+        digest, path = self.store_artifact(artifact_dir, move=move)
+        created = time.time()
+        draft = ModelEntry(
+            version="",
+            uri=path.resolve().as_uri(),
+            sha256=digest,
+            threshold=float(threshold),
+            alpha=float(alpha),
+            data_sizes=dict(data_sizes or {}),
+            gates=dict(gates or {}),
+            parent=parent,
+            created=created,
+            extra=dict(extra or {}),
+        )
+        fields = draft.to_hash()
+        fields.pop("version")
+        argv: list[str] = [self.keys.model_entry(""), repr(created)]
+        for k, v in fields.items():
+            argv += [k, v]
+        version = _s(self._register(keys=[self.keys.model_versions()], args=argv))
+        return self.entry(str(version))
+
+    def publish(
+        self,
+        artifact_dir: str | Path,
+        *,
+        threshold: float,
+        alpha: float,
+        data_sizes: Mapping[str, int] | None = None,
+        gates: Mapping[str, Any] | None = None,
+        parent: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        expected: str | None | object = ANY,
+        move: bool = False,
+    ) -> ModelEntry:
+        """Store, register and make current in one call.
+
+        `expected` is the version the caller believes is current (typically the parent the candidate was gated
+        against; None = no model yet). If the pointer moved meanwhile, the entry stays registered but is not
+        made current, and `PointerConflictError` is raised.
+        """
+        entry = self.register(
+            artifact_dir,
+            threshold=threshold,
+            alpha=alpha,
+            data_sizes=data_sizes,
+            gates=gates,
+            parent=parent,
+            extra=extra,
+            move=move,
+        )
+        self.promote(entry.version, expected=expected)
+        return entry
+
+    def promote(self, version: str, *, expected: str | None | object = ANY) -> ModelEntry:
+        """Make `version` current (compare-and-set against `expected` unless ANY); the old one goes on the
+        rollback list. Returns the entry."""
+        check, exp = ("0", "") if expected is ANY else ("1", expected or "")
+        res = self._promote(
+            keys=[self.keys.model_current(), self.keys.model_previous(), self.keys.model_entry(version)],
+            args=[version, check, exp, MAX_PREVIOUS],
+        )
+        status, cur = _s(res[0]), _s(res[1]) or None
+        if status == "missing":
+            raise VersionNotFoundError(f"model version {version!r} is not registered (see 'dlsr model list')")
+        if status == "conflict":
+            raise PointerConflictError(exp or None, cur)
+        return self.entry(version)
+
+    def rollback(self, *, expected: str | None | object = ANY) -> ModelEntry:
+        """Return to the previous live version; returns its entry."""
+        check, exp = ("0", "") if expected is ANY else ("1", expected or "")
+        res = self._rollback(keys=[self.keys.model_current(), self.keys.model_previous()], args=[check, exp])
+        status = _s(res[0])
+        if status == "conflict":
+            raise PointerConflictError(exp or None, _s(res[1]) or None)
+        if status == "empty":
+            raise RegistryError(
+                f"no earlier version to roll back to (current is {_s(res[1]) or 'none'}); "
+                "use 'dlsr model promote VERSION' to pick one"
+            )
+        return self.entry(str(_s(res[1])))
+
+    def current_version(self) -> str | None:
+        """The live version, or None before the first publish."""
+        return _s(self.redis.get(self.keys.model_current())) or None
+
+    def previous_versions(self) -> list[str]:
+        """Earlier live versions, newest first (what rollback returns to)."""
+        return [str(_s(v)) for v in self.redis.lrange(self.keys.model_previous(), 0, -1)]
+
+    def entry(self, version: str) -> ModelEntry:
+        """The registry entry of one version; VersionNotFoundError when unknown."""
+        raw = self.redis.hgetall(self.keys.model_entry(version))
+        if not raw:
+            raise VersionNotFoundError(f"model version {version!r} is not registered (see 'dlsr model list')")
+        return ModelEntry.from_hash(raw)
+
+    def current_entry(self) -> ModelEntry | None:
+        """Entry of the live version, or None."""
+        version = self.current_version()
+        return self.entry(version) if version else None
+
+    def list_versions(self) -> list[ModelEntry]:
+        """Every registered version, oldest first."""
+        names = [str(_s(v)) for v in self.redis.zrange(self.keys.model_versions(), 0, -1)]
+        names.sort(key=version_number)
+        if not names:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self.keys.model_entry(name))
+        return [ModelEntry.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def verify(self, entry: ModelEntry) -> Path:
+        """Path of the entry's artifact after checking its digest; RegistryError if missing or altered."""
+        path = self.artifact_path(entry)
+        if not path.is_dir():
+            raise RegistryError(
+                f"artifact of {entry.version} not found at {path}: is the store volume mounted at "
+                f"the configured path (model.artifact_store)?"
+            )
+        digest = artifact_digest(path)
+        if digest != entry.sha256:
+            raise RegistryError(
+                f"artifact of {entry.version} at {path} fails its checksum "
+                f"(sha256 {digest[:12]}… != registered {entry.sha256[:12]}…): it was altered or is incomplete"
+            )
+        return path
