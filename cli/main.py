@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from cli import bench_cmd, config_cmd, monitor_cmd, ops_cmd, trainer_cmd
-from config import Settings
-from config.errors import StartupError, settings_error_lines
+from config import ConfigFileError, Settings, StartupError, load_settings, settings_error_lines
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,7 +19,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command tree; subcommands come from each package's `commands.register`."""
-    parser = _Parser(prog="dlsr", description="DLSR Monitor: streaming OOD and drift detection for image streams.")
+    parser = _Parser(
+        prog="dlsr", description="DLSR Monitor: streaming OOD and drift detection for image streams."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for register in (
         monitor_cmd.register,
@@ -30,17 +31,45 @@ def build_parser() -> argparse.ArgumentParser:
         config_cmd.register,
     ):
         register(sub)
+    for leaf in _leaves(parser):
+        leaf.set_defaults(_prog=leaf.prog)
     return parser
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The direct subcommands of `parser` by name (empty for a leaf)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    children = subparsers(parser)
+    if not children:
+        return [parser]
+    return [leaf for child in children.values() for leaf in _leaves(child)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Name the subcommand whose --help lists the valid options, in one line.
+        prog = getattr(args, "_prog", parser.prog)
+        print(
+            f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see '{prog} --help')", file=sys.stderr
+        )
+        return 2
     try:
-        settings = Settings()
+        settings = load_settings()
     except ValidationError as exc:
-        for line in settings_error_lines(exc):
+        for line in settings_error_lines(exc, Settings):
             print(f"dlsr: {line}", file=sys.stderr)
+        return 2
+    except ConfigFileError as exc:
+        print(f"dlsr: {exc}", file=sys.stderr)
         return 2
     try:
         return int(args.handler(args, settings) or 0)

@@ -3,7 +3,136 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+SEVERITIES = ("info", "warning", "critical")
+ALERT_KINDS = ("ood", "drift", "model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add these subcommands; each sets `handler(args, settings) -> int`."""
+    dash = sub.add_parser(
+        "dashboard",
+        help="Live terminal view of sources, drift, model and monitors (reads Redis only)",
+        description="Live terminal view read from Redis only: per source the image rate, OOD rate against alpha, "
+        "drift state and an OOD-rate sparkline; the live model version, threshold and alpha; the running "
+        "monitors with rate and consumer lag; the last alerts. Press q or Ctrl-C to quit.",
+    )
+    dash.add_argument("--once", action="store_true", help="Print one frame and exit (for scripts and tests)")
+    dash.add_argument(
+        "--refresh",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Seconds between refreshes (default: settings)",
+    )
+    dash.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Quit by itself after S seconds (default: never)",
+    )
+    dash.set_defaults(handler=_dashboard)
+
+    alerts = sub.add_parser(
+        "alerts",
+        help="Follow dlsr.alerts with filters; human lines or --json",
+        description="Follow the alerts topic. Each run joins its own consumer group (a fresh id), so every "
+        "subscriber sees every alert. Severity: ood=warning, drift raised=critical, drift cleared=info, "
+        "model live=info, model load_failed=critical.",
+    )
+    alerts.add_argument(
+        "--source", action="append", default=None, metavar="NAME", help="Only this source (repeatable)"
+    )
+    alerts.add_argument(
+        "--kind", action="append", choices=ALERT_KINDS, default=None, help="Only this kind (repeatable)"
+    )
+    alerts.add_argument(
+        "--min-severity",
+        choices=SEVERITIES,
+        default="info",
+        help="Drop alerts below this severity (default: info)",
+    )
+    alerts.add_argument(
+        "--json", action="store_true", help="One JSON object per line (with a severity field)"
+    )
+    alerts.add_argument(
+        "--from-beginning", action="store_true", help="Replay the topic from its first alert, then follow"
+    )
+    alerts.add_argument("--group", default=None, help="Consumer group id (default: a fresh one per run)")
+    alerts.add_argument("--max", type=int, default=None, metavar="N", help="Exit after printing N alerts")
+    alerts.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="Exit after S seconds without a new alert"
+    )
+    alerts.set_defaults(handler=_alerts)
+
+    demo = sub.add_parser(
+        "demo",
+        help="The whole product on an embedded default: broker, Redis, model, monitor, dashboard",
+        description="Starts what is not running (a Tansu broker in memory; Redis at the configured URL if "
+        "reachable, else an embedded one), fits a quick model on a CIFAR-10 subset, starts a monitor, streams "
+        "CIFAR-10 test images from source cam-id, OOD images (Tiny-ImageNet, MNIST) from cam-ood and corrupted "
+        "CIFAR-10 images from cam-corrupt, shows the dashboard, prints a summary and stops what it started.",
+    )
+    demo.add_argument(
+        "--id-data",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CIFAR-10 folder with train.zip and test.zip (default: ../shared/data/cifar10)",
+    )
+    demo.add_argument(
+        "--ood-data",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="Folder with OOD sets tiny_imagenet/ and mnist/, or one OOD zip/folder (default: ../shared/data)",
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="Reduced mode: fewer images, smaller input (for tests)"
+    )
+    demo.add_argument("--images", type=int, default=None, metavar="N", help="Images streamed per source")
+    demo.add_argument("--no-dashboard", action="store_true", help="Do not draw the live dashboard")
+    demo.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="Also write the summary as JSON"
+    )
+    demo.set_defaults(handler=_demo)
+
+
+def _dashboard(args: argparse.Namespace, settings) -> int:
+    from monitor.dashboard import run_dashboard
+
+    return run_dashboard(settings, once=args.once, refresh_s=args.refresh, duration_s=args.duration)
+
+
+def _alerts(args: argparse.Namespace, settings) -> int:
+    from monitor.subscriber import AlertFilter, follow_alerts
+
+    flt = AlertFilter(
+        sources=frozenset(args.source or ()), kinds=frozenset(args.kind or ()), min_severity=args.min_severity
+    )
+    return follow_alerts(
+        settings.kafka,
+        flt,
+        as_json=args.json,
+        from_beginning=args.from_beginning,
+        group_id=args.group,
+        max_alerts=args.max,
+        idle_timeout_s=args.timeout,
+    )
+
+
+def _demo(args: argparse.Namespace, settings) -> int:
+    from monitor.demo import DemoOptions, run_demo
+
+    opts = DemoOptions.from_settings(
+        settings,
+        id_data=args.id_data,
+        ood_data=args.ood_data,
+        quick=args.quick,
+        images=args.images,
+        dashboard=not args.no_dashboard,
+        json_path=args.json,
+    )
+    return run_demo(settings, opts)

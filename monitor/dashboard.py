@@ -1,0 +1,534 @@
+"""`dlsr dashboard`: a rich Live view of what the monitors wrote to Redis (and nothing else).
+
+Reads only Redis, so it runs anywhere Redis is reachable: per source the image rate, OOD rate against alpha, drift
+state and a sparkline of the OOD rate; the live model version, threshold and alpha; monitors with rate and lag;
+the last alerts. `q` or Ctrl-C quits; `--once` prints one frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from monitor.keys import Keys
+
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+#: Window over which the "now" rates are computed (seconds).
+RATE_WINDOW_S = 60.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what one frame shows
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """One source's row."""
+
+    source: str
+    images: int  # images in the rate window
+    rate_img_s: float
+    ood_rate: float | None  # OOD flags / images over the rate window; None with no images
+    total_images: int  # over the sparkline span
+    total_ood: int
+    drift: str  # "ok", "raised", ...
+    spark: tuple[float | None, ...]  # OOD rate per sparkline bin, oldest first; None = no images
+
+
+@dataclass(frozen=True)
+class MonitorView:
+    """One live monitor instance."""
+
+    instance: str
+    model_version: str
+    rate_img_s: float | None
+    lag: int | None
+    age_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one frame shows, read from Redis at `taken_at`."""
+
+    taken_at: float
+    redis_url: str
+    model_version: str | None
+    threshold: float | None
+    alpha: float | None
+    sources: tuple[SourceView, ...] = ()
+    monitors: tuple[MonitorView, ...] = ()
+    alerts: tuple[dict, ...] = ()
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading Redis
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _num(mapping: dict[str, str], *names: str) -> float | None:
+    for name in names:
+        if name in mapping and mapping[name] not in ("", "None", "null"):
+            try:
+                return float(mapping[name])
+            except ValueError:
+                continue
+    return None
+
+
+def _hash(redis, key: str) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in (redis.hgetall(key) or {}).items()}
+
+
+def _bucket_of(key: str) -> int | None:
+    try:
+        return int(key.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def read_windows(redis, keys: Keys, source: str) -> dict[int, dict[str, float]]:
+    """Time buckets of one source: {bucket start (unix s): {"images", "ood", "score_sum"}}.
+
+    Buckets are keyed by their start time in seconds or by `start // bucket_s`; `bucket_seconds` tells which.
+    """
+    out: dict[int, dict[str, float]] = {}
+    pattern = keys.window_bucket(source, "*")
+    names = [_s(k) for k in redis.scan_iter(match=pattern, count=500)]
+    if not names:
+        return out
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(name)
+    for name, raw in zip(names, pipe.execute(), strict=True):
+        bucket = _bucket_of(name)
+        if bucket is None:
+            continue
+        h = {_s(k): _s(v) for k, v in (raw or {}).items()}
+        out[bucket] = {
+            "images": _num(h, "images", "n") or 0.0,
+            "ood": _num(h, "ood", "ood_count") or 0.0,
+            "score_sum": _num(h, "score_sum") or 0.0,
+        }
+    return out
+
+
+def bucket_seconds(buckets: list[int], now: float, default: float = 10.0) -> float:
+    """Width of a bucket in seconds, inferred from how bucket ids compare with the clock."""
+    if not buckets:
+        return default
+    ordered = sorted(set(buckets))
+    if ordered[-1] > now / 2:  # ids are start times in seconds: the smallest gap is the width
+        gaps = [b - a for a, b in zip(ordered, ordered[1:], strict=False)]
+        return float(min(gaps)) if gaps else default
+    return float(max(1, round(now / max(ordered[-1], 1))))  # ids are start // width
+
+
+def _bucket_start(bucket: int, width: float, now: float) -> float:
+    return float(bucket) if bucket > now / 2 else bucket * width
+
+
+def summarise_source(
+    source: str,
+    buckets: dict[int, dict[str, float]],
+    drift_state: str,
+    *,
+    now: float,
+    history_s: float,
+    bins: int = 30,
+    width_s: float | None = None,
+) -> SourceView:
+    """Rates and sparkline of one source from its time buckets."""
+    width = width_s or bucket_seconds(list(buckets), now)
+    spark_n = [0.0] * bins
+    spark_o = [0.0] * bins
+    recent_n = recent_o = total_n = total_o = 0.0
+    recent_span = max(RATE_WINDOW_S, width)
+    for bucket, c in buckets.items():
+        start = _bucket_start(bucket, width, now)
+        age = now - start
+        if age < 0 or age > history_s + width:
+            continue
+        total_n += c["images"]
+        total_o += c["ood"]
+        if age <= recent_span:
+            recent_n += c["images"]
+            recent_o += c["ood"]
+        idx = bins - 1 - min(bins - 1, int(age / (history_s / bins)))
+        spark_n[idx] += c["images"]
+        spark_o[idx] += c["ood"]
+    spark = tuple((o / n) if n else None for n, o in zip(spark_n, spark_o, strict=True))
+    return SourceView(
+        source=source,
+        images=int(recent_n),
+        rate_img_s=recent_n / (recent_span + width),
+        ood_rate=(recent_o / recent_n) if recent_n else None,
+        total_images=int(total_n),
+        total_ood=int(total_o),
+        drift=drift_state,
+        spark=spark,
+    )
+
+
+def read_snapshot(
+    redis,
+    keys: Keys,
+    *,
+    now: float | None = None,
+    history_s: float = 3600.0,
+    alerts_shown: int = 8,
+    redis_url: str = "",
+    stale_after_s: float = 60.0,
+) -> Snapshot:
+    """Read one frame's worth of state from Redis (a handful of round trips)."""
+    now = time.time() if now is None else now
+    version = redis.get(keys.model_current())
+    version = _s(version) if version is not None else None
+    threshold = alpha = None
+    if version:
+        entry = _hash(redis, keys.model_entry(version))
+        meta = _hash(redis, keys.baseline_meta(version))
+        # The baseline's threshold moves with vetted data; the registry entry holds the one it was published with.
+        threshold = (
+            _num(meta, "threshold") if _num(meta, "threshold") is not None else _num(entry, "threshold")
+        )
+        alpha = _num(meta, "alpha") if _num(meta, "alpha") is not None else _num(entry, "alpha")
+
+    sources = []
+    for name in redis.zrangebyscore(keys.sources(), now - history_s, "+inf"):
+        src = _s(name)
+        drift = _hash(redis, keys.drift(src)).get("state") or "ok"
+        if drift in ("cleared", "none", "0"):
+            drift = "ok"
+        sources.append(
+            summarise_source(src, read_windows(redis, keys, src), drift, now=now, history_s=history_s)
+        )
+    sources.sort(key=lambda v: v.source)
+
+    monitors = []
+    for name, beat in redis.zrangebyscore(keys.heartbeats(), now - stale_after_s, "+inf", withscores=True):
+        inst = _s(name)
+        hb = _hash(redis, keys.heartbeat(inst))
+        if not hb:
+            continue
+        lag = _num(hb, "lag", "consumer_lag")
+        monitors.append(
+            MonitorView(
+                instance=hb.get("instance", inst),
+                model_version=hb.get("model_version") or hb.get("version") or "-",
+                rate_img_s=_num(hb, "rate", "rate_img_s", "img_s"),
+                lag=int(lag) if lag is not None else None,
+                age_s=max(0.0, now - (_num(hb, "ts", "last_beat", "beat") or float(beat))),
+            )
+        )
+    monitors.sort(key=lambda m: m.instance)
+
+    alerts = []
+    if alerts_shown:
+        for raw in redis.lrange(keys.recent_alerts(), 0, alerts_shown - 1):
+            with contextlib.suppress(ValueError):
+                alerts.append(json.loads(_s(raw)))
+    return Snapshot(
+        taken_at=now,
+        redis_url=redis_url,
+        model_version=version,
+        threshold=threshold,
+        alpha=alpha,
+        sources=tuple(sources),
+        monitors=tuple(monitors),
+        alerts=tuple(alerts),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# drawing
+
+
+def sparkline(values: tuple[float | None, ...], *, top: float | None = None) -> str:
+    """One character per value, scaled to `top` (default: the largest value); blanks where there is no data."""
+    present = [v for v in values if v is not None]
+    top = top if top else (max(present) if present else 0.0)
+    out = []
+    for v in values:
+        if v is None:
+            out.append(" ")
+        elif top <= 0:
+            out.append(SPARK_CHARS[0])
+        else:
+            out.append(SPARK_CHARS[min(len(SPARK_CHARS) - 1, int(v / top * (len(SPARK_CHARS) - 1) + 0.5))])
+    return "".join(out)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def severity_of(alert: dict) -> str:
+    """info / warning / critical, from the alert's kind and state (the contract has no severity field)."""
+    kind = alert.get("kind")
+    if kind == "drift":
+        return "critical" if alert.get("state") == "raised" else "info"
+    if kind == "model":
+        return "critical" if alert.get("event") == "load_failed" else "info"
+    return "warning"
+
+
+_SEV_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
+
+
+def alert_line(alert: dict) -> str:
+    """One human line for an alert (also used by `dlsr alerts`)."""
+    ts = alert.get("ts")
+    when = (
+        datetime.fromtimestamp(float(ts), UTC).strftime("%H:%M:%S")
+        if isinstance(ts, int | float)
+        else "--:--:--"
+    )
+    kind = alert.get("kind", "?")
+    src = alert.get("source", "?")
+    if kind == "ood":
+        what = f"image {alert.get('image_id')} score {alert.get('score', 0):.4g} > {alert.get('threshold', 0):.4g}"
+        what += f" (p={alert.get('p_value', 0):.3g}, model {alert.get('model_version')})"
+    elif kind == "drift":
+        w = alert.get("window") or {}
+        what = f"drift {alert.get('state')}: {w.get('ood', '?')}/{w.get('images', '?')} OOD"
+        if isinstance(w.get("rate"), int | float) and isinstance(w.get("null_rate"), int | float):
+            what += f" = {100 * w['rate']:.1f}% vs {100 * w['null_rate']:.1f}% expected"
+        if isinstance(w.get("p_value"), int | float):
+            what += f" (p={w['p_value']:.2g})"
+    elif kind == "model":
+        what = f"model {alert.get('event')}: {alert.get('version')}"
+        if alert.get("previous_version"):
+            what += f" (was {alert['previous_version']})"
+        if alert.get("reason"):
+            what += f": {alert['reason']}"
+    else:
+        what = json.dumps(alert)[:200]
+    return f"{when} {severity_of(alert):8s} {kind:5s} {src}: {what}"
+
+
+def render(snap: Snapshot) -> RenderableType:
+    """The frame for one snapshot; rich lays it out for whatever width the terminal has now."""
+    now_txt = datetime.fromtimestamp(snap.taken_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    head = Text()
+    head.append("DLSR Monitor", style="bold")
+    head.append(f"  {now_txt}  redis {snap.redis_url}\n")
+    head.append("model ")
+    head.append(snap.model_version or "none", style="bold green" if snap.model_version else "bold red")
+    head.append("  threshold ")
+    head.append("-" if snap.threshold is None else f"{snap.threshold:.5g}", style="bold")
+    head.append("  alpha ")
+    head.append("-" if snap.alpha is None else f"{snap.alpha:g}", style="bold")
+    if snap.error:
+        head.append(f"\n{snap.error}", style="bold red")
+
+    src = Table(box=box.SIMPLE_HEAD, expand=True, title="Sources", title_justify="left", pad_edge=False)
+    src.add_column("source", no_wrap=True, overflow="ellipsis", ratio=2)
+    src.add_column("img/s", justify="right", no_wrap=True)
+    src.add_column("OOD rate", justify="right", no_wrap=True)
+    src.add_column("vs alpha", justify="right", no_wrap=True)
+    src.add_column("drift", no_wrap=True)
+    src.add_column("images", justify="right", no_wrap=True)
+    src.add_column("OOD rate, last hour", no_wrap=True, overflow="crop", ratio=3, min_width=8)
+    for s in snap.sources:
+        ratio = (s.ood_rate / snap.alpha) if (s.ood_rate is not None and snap.alpha) else None
+        style = (
+            "bold red" if s.drift == "raised" else ("yellow" if ratio is not None and ratio > 2 else "green")
+        )
+        src.add_row(
+            s.source,
+            f"{s.rate_img_s:.1f}",
+            _pct(s.ood_rate),
+            "-" if ratio is None else f"{ratio:.1f}x",
+            Text(s.drift.upper() if s.drift == "raised" else s.drift, style=style),
+            str(s.total_images),
+            Text(sparkline(s.spark), style=style),
+        )
+    if not snap.sources:
+        src.add_row("(no sources seen in the last hour)", "", "", "", "", "", "")
+
+    mon = Table(box=box.SIMPLE_HEAD, expand=True, title="Monitors", title_justify="left", pad_edge=False)
+    mon.add_column("instance", no_wrap=True, overflow="ellipsis", ratio=2)
+    mon.add_column("model", no_wrap=True, overflow="ellipsis")
+    mon.add_column("img/s", justify="right", no_wrap=True)
+    mon.add_column("lag", justify="right", no_wrap=True)
+    mon.add_column("beat", justify="right", no_wrap=True)
+    for m in snap.monitors:
+        mon.add_row(
+            m.instance,
+            m.model_version,
+            "-" if m.rate_img_s is None else f"{m.rate_img_s:.1f}",
+            "-" if m.lag is None else str(m.lag),
+            f"{m.age_s:.0f}s ago",
+        )
+    if not snap.monitors:
+        mon.add_row("(no live monitor)", "", "", "", "")
+
+    lines = Text()
+    for i, a in enumerate(snap.alerts):
+        if i:
+            lines.append("\n")
+        lines.append(alert_line(a), style=_SEV_STYLE.get(severity_of(a), ""))
+    if not snap.alerts:
+        lines.append("(no alerts yet)", style="dim")
+    alerts = Panel(lines, title="Last alerts", title_align="left", box=box.SQUARE)
+    footer = Text("q or Ctrl-C quits", style="dim")
+    return Group(head, src, mon, alerts, footer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@contextlib.contextmanager
+def _quit_on_q(stop: threading.Event) -> Iterator[None]:
+    """Read single keys from the terminal in cbreak mode on a thread; `q` sets `stop`. No tty: Ctrl-C only."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set() and not stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                ch = os.read(fd, 1)
+                if ch in (b"q", b"Q"):
+                    stop.set()
+
+    tty.setcbreak(fd)
+    thread = threading.Thread(target=reader, name="dashboard-keys", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=1)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def live_loop(
+    snapshot: Callable[[], Snapshot],
+    *,
+    refresh_s: float,
+    duration_s: float | None = None,
+    console: Console | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Redraw `snapshot()` every `refresh_s` until `q`, Ctrl-C, `stop` or `duration_s`."""
+    console = console or Console()
+    stop = stop or threading.Event()
+    wake = threading.Event()
+    old_winch = None
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGWINCH"):
+        # Redraw at once on a resize instead of waiting for the next tick.
+        old_winch = signal.signal(signal.SIGWINCH, lambda *_: wake.set())
+    deadline = None if duration_s is None else time.monotonic() + duration_s
+    try:
+        with (
+            _quit_on_q(stop),
+            Live(
+                render(snapshot()),
+                console=console,
+                screen=console.is_terminal,
+                auto_refresh=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            ) as live,
+        ):
+            while not stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                wake.wait(refresh_s)
+                wake.clear()
+                if stop.is_set():
+                    break
+                live.update(render(snapshot()), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+
+
+def _connect(redis_settings):
+    import redis as redis_lib
+
+    from config.errors import StartupError
+
+    client = redis_lib.Redis.from_url(redis_settings.url, **redis_settings.client_kwargs())
+    try:
+        client.ping()
+    except redis_lib.RedisError as exc:
+        raise StartupError(
+            f"Redis at {redis_settings.url} is not reachable ({exc}); start it or set DLSR_REDIS__URL"
+        ) from None
+    return client
+
+
+def run_dashboard(
+    settings,
+    *,
+    once: bool = False,
+    refresh_s: float | None = None,
+    duration_s: float | None = None,
+    console: Console | None = None,
+    redis_client=None,
+) -> int:
+    """`dlsr dashboard`: one frame with `once`, else the live view until q / Ctrl-C."""
+    import redis as redis_lib
+
+    client = redis_client or _connect(settings.redis)
+    keys = Keys(settings.redis.prefix)
+    dash = settings.dashboard
+    url = _mask_url(settings.redis.url)
+
+    def snapshot() -> Snapshot:
+        try:
+            return read_snapshot(
+                client, keys, history_s=dash.history_s, alerts_shown=dash.alerts_shown, redis_url=url
+            )
+        except redis_lib.RedisError as exc:  # keep drawing; say what is wrong
+            return Snapshot(time.time(), url, None, None, None, error=f"Redis error: {exc}")
+
+    console = console or Console()
+    if once:
+        console.print(render(snapshot()))
+        return 0
+    live_loop(snapshot, refresh_s=refresh_s or dash.refresh_s, duration_s=duration_s, console=console)
+    return 0
+
+
+def _mask_url(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, cred = head.partition("://")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user + ':***' if ':' in cred else cred}@{tail}"
