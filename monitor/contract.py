@@ -1,0 +1,216 @@
+"""The message contract: what goes in, what comes out, as pydantic models any consumer can validate against.
+
+Input (topic `kafka.input_topic`): value = encoded image bytes; optional headers `image_id`, `source`, `ts`.
+Output: one `ScoreRecord` per scored message on `dlsr.scores` (key = source), alerts on `dlsr.alerts`
+(`OodAlert`, `DriftAlert`, `ModelAlert`; key = source), dead letters on `dlsr.dlq` (original value, key and
+headers plus `error` / `error_detail`). Count(in) = count(scores) + count(dead letters).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+#: Dead-letter headers added to the original ones (bytes, utf-8).
+DLQ_ERROR = "error"  # short slug, e.g. "too_many_pixels", "not_an_image"
+DLQ_ERROR_DETAIL = "error_detail"  # one human-readable line
+DLQ_ORIGIN = "origin"  # "topic:partition:offset" of the input message
+DLQ_IMAGE_ID = "image_id"
+
+#: Input headers the monitor understands.
+H_IMAGE_ID = "image_id"
+H_SOURCE = "source"
+H_TS = "ts"
+DEFAULT_SOURCE = "default"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON, utf-8 (what goes on the wire)."""
+        return self.model_dump_json().encode()
+
+
+class ScoreRecord(_Record):
+    """One per scored input message on `dlsr.scores`."""
+
+    image_id: str = Field(description="Header `image_id`, else `topic:partition:offset` (stable across replays)")
+    source: str = Field(description="Header `source`, else the message key, else 'default'")
+    topic: str
+    partition: int
+    offset: int
+    ts: float = Field(description="Event time, Unix seconds (header `ts`, else the Kafka timestamp)")
+    score: float = Field(description="DLSR score, higher = more OOD")
+    threshold: float = Field(description="Threshold in force for this model version when the image was scored")
+    p_value: float = Field(description="Conformal p-value against the ID baseline")
+    is_ood: bool
+    model_version: str
+    latency_ms: float = Field(description="Kafka timestamp to score, milliseconds")
+    instance: str = Field(description="Monitor instance that scored it")
+
+
+class OodAlert(_Record):
+    """An image scored over its threshold."""
+
+    kind: Literal["ood"] = "ood"
+    alert_id: str = Field(description="'ood:<image_id>', the same on a replay")
+    source: str
+    image_id: str
+    topic: str
+    partition: int
+    offset: int
+    ts: float
+    score: float
+    threshold: float
+    p_value: float
+    model_version: str
+
+
+class WindowStats(BaseModel):
+    """What the drift test saw: images and OOD flags in the source's sliding window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: int
+    ood: int
+    rate: float
+    null_rate: float = Field(description="OOD rate expected in distribution (alpha x drift null factor)")
+    p_value: float = Field(description="One-sided binomial p-value of the window against null_rate")
+    window_s: float
+    since: float
+    until: float
+
+
+class DriftAlert(_Record):
+    """A source's drift state changed."""
+
+    kind: Literal["drift"] = "drift"
+    alert_id: str = Field(description="'drift:<source>:<seq>', seq = the source's transition counter")
+    source: str
+    state: Literal["raised", "cleared"]
+    seq: int
+    ts: float
+    window: WindowStats
+    model_version: str | None = None
+
+
+class ModelAlert(_Record):
+    """A model version went live, or failed to load (the old one stays live)."""
+
+    kind: Literal["model"] = "model"
+    alert_id: str
+    source: str = Field("*", description="Model alerts concern every source")
+    event: Literal["live", "load_failed"]
+    version: str
+    previous_version: str | None = None
+    reason: str | None = None
+    ts: float
+    instance: str | None = None
+
+
+Alert = Annotated[OodAlert | DriftAlert | ModelAlert, Field(discriminator="kind")]
+_ALERT = TypeAdapter(Alert)
+
+
+def parse_alert(data: bytes | str) -> OodAlert | DriftAlert | ModelAlert:
+    """Validate one alert from `dlsr.alerts` (raises pydantic.ValidationError on a bad record)."""
+    return _ALERT.validate_json(data)
+
+
+def parse_score(data: bytes | str) -> ScoreRecord:
+    """Validate one record from `dlsr.scores`."""
+    return ScoreRecord.model_validate_json(data)
+
+
+@dataclass(frozen=True)
+class InputMeta:
+    """What the monitor reads from an input message besides its value."""
+
+    image_id: str
+    source: str
+    ts: float
+
+
+def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    for k, v in headers or ():
+        if k == name and v is not None:
+            try:
+                text = v.decode("utf-8").strip() if isinstance(v, bytes | bytearray) else str(v).strip()
+            except UnicodeDecodeError:
+                return None
+            return text or None
+    return None
+
+
+def _parse_ts(text: str | None) -> float | None:
+    """Epoch seconds (or milliseconds, when > 1e11) or an ISO-8601 string; None when unreadable."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+        return value / 1000.0 if value > 1e11 else value
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def parse_input_meta(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    headers: list[tuple[str, bytes | None]] | None,
+    timestamp_ms: int | None,
+) -> InputMeta:
+    """Headers -> (image_id, source, ts) with the documented defaults; never raises."""
+    image_id = _header(headers, H_IMAGE_ID) or f"{topic}:{partition}:{offset}"
+    source = _header(headers, H_SOURCE)
+    if source is None and key:
+        try:
+            source = key.decode("utf-8").strip() or None
+        except UnicodeDecodeError:
+            source = None
+    ts = _parse_ts(_header(headers, H_TS))
+    if ts is None:
+        ts = (timestamp_ms / 1000.0) if timestamp_ms and timestamp_ms > 0 else 0.0
+    return InputMeta(image_id=image_id, source=_clean_source(source or DEFAULT_SOURCE), ts=ts)
+
+
+def _clean_source(source: str) -> str:
+    # Sources become part of Redis keys and Kafka keys: keep them printable and bounded.
+    cleaned = "".join(ch if ch.isprintable() and ch not in ":*?[]" else "_" for ch in source)[:128]
+    return cleaned or DEFAULT_SOURCE
+
+
+def dlq_headers(
+    original: list[tuple[str, bytes | None]] | None, *, reason: str, detail: str, origin: str, image_id: str
+) -> list[tuple[str, bytes]]:
+    """Original headers (minus any earlier error headers) plus `error`, `error_detail`, `origin`, `image_id`."""
+    drop = {DLQ_ERROR, DLQ_ERROR_DETAIL, DLQ_ORIGIN}
+    out = [(k, v if v is not None else b"") for k, v in (original or ()) if k not in drop]
+    if _header(original, H_IMAGE_ID) is None:
+        out.append((DLQ_IMAGE_ID, image_id.encode()))
+    out += [
+        (DLQ_ERROR, reason.encode()),
+        (DLQ_ERROR_DETAIL, detail.encode("utf-8", "replace")[:1000]),
+        (DLQ_ORIGIN, origin.encode()),
+    ]
+    return out
+
+
+def alert_to_json(alert: OodAlert | DriftAlert | ModelAlert) -> str:
+    """JSON text as stored in the dashboard's recent-alerts list."""
+    return json.dumps(alert.model_dump(), separators=(",", ":"))

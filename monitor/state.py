@@ -1,0 +1,577 @@
+"""Every Redis effect of the monitor, and the read functions the dashboard uses. Keys come from `monitor.keys`.
+
+Exactly-once effects: `apply_batch` runs one Lua script per (batch, partition) that compares each record's
+offset with the partition's applied-offset watermark, applies only newer ones (window counters, sources,
+recent alerts) and advances the watermark in the same atomic step. A replayed batch (after a crash before the
+Kafka commit, or a rebalance) is a no-op, so the counters equal the number of distinct messages.
+
+Windows are bucketed by *event* time (the message's `ts`), not by which replica processed it or when, so any
+number of replicas produce the same counters. Drift is decided from those shared counters (`evaluate_drift`):
+a consistent snapshot (MULTI/EXEC) of a source's window, then a compare-and-set on the source's drift hash that
+only succeeds if no record of that source was applied meanwhile (a per-source version counter bumped by the
+apply script). A transition gets a sequence number; its alert id is `drift:<source>:<seq>` and it is re-emitted
+until `mark_drift_emitted` confirms the broker acknowledged it (at-least-once, same id).
+
+Read functions for the dashboard and CLI (all return plain data): `read_sources`, `read_window`,
+`read_drift`, `read_heartbeats`, `read_recent_alerts`, `read_model`, `read_baseline`, `read_watermark`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.contract import DriftAlert, WindowStats
+from monitor.drift import DriftTest
+from monitor.keys import Keys
+
+# KEYS: 1 watermark, 2 sources zset, 3 recent alerts list, 4.. bucket hashes then drift hashes
+# ARGV: 1 JSON {r: [[offset, bucket_key_idx, drift_key_idx, scored, ood, score, source, ts], ...],
+#              a: [[offset, alert_json], ...], ttl, recent_max}
+_APPLY = """
+local wm = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local p = cjson.decode(ARGV[1])
+local applied, skipped, top = 0, 0, wm
+for _, r in ipairs(p.r) do
+  local off = r[1]
+  if off > wm then
+    local key = KEYS[r[2]]
+    if r[4] == 1 then
+      redis.call('HINCRBY', key, 'images', 1)
+      if r[5] == 1 then redis.call('HINCRBY', key, 'ood', 1) end
+      redis.call('HINCRBYFLOAT', key, 'score_sum', r[6])
+    else
+      redis.call('HINCRBY', key, 'dead', 1)
+    end
+    redis.call('EXPIRE', key, p.ttl)
+    redis.call('HINCRBY', KEYS[r[3]], 'ver', 1)
+    redis.call('ZADD', KEYS[2], 'GT', r[8], r[7])
+    applied = applied + 1
+    if off > top then top = off end
+  else
+    skipped = skipped + 1
+  end
+end
+local pushed = 0
+for _, a in ipairs(p.a) do
+  if a[1] > wm then
+    redis.call('LPUSH', KEYS[3], a[2])
+    pushed = pushed + 1
+  end
+end
+if pushed > 0 then redis.call('LTRIM', KEYS[3], 0, p.recent_max - 1) end
+if top > wm then redis.call('SET', KEYS[1], top) end
+return {applied, skipped}
+"""
+
+# Compare-and-set of a source's drift hash. KEYS: 1 drift hash, 2 recent alerts list.
+# ARGV: 1 expected ver, 2 expected seq, 3 JSON {fields: {...}, alert: json-or-empty, recent_max}
+# Returns 1 when written, 0 when the snapshot was stale (the caller re-reads and decides again).
+_DRIFT_CAS = """
+local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if ver ~= tonumber(ARGV[1]) or seq ~= tonumber(ARGV[2]) then return 0 end
+local p = cjson.decode(ARGV[3])
+for k, v in pairs(p.fields) do redis.call('HSET', KEYS[1], k, v) end
+if p.alert ~= '' then
+  redis.call('HSET', KEYS[1], 'seq', seq + 1, 'alert', p.alert)
+  redis.call('LPUSH', KEYS[2], p.alert)
+  redis.call('LTRIM', KEYS[2], 0, p.recent_max - 1)
+end
+return 1
+"""
+
+_MARK_EMITTED = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'emitted') or '0')
+if tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'emitted', ARGV[1]) end
+return 1
+"""
+
+
+def _s(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes | bytearray) else str(v)
+
+
+def _i(v: Any, default: int = 0) -> int:
+    try:
+        return int(float(_s(v) or default))
+    except ValueError:
+        return default
+
+
+def _f(v: Any, default: float = 0.0) -> float:
+    try:
+        return float(_s(v) or default)
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """One input message's effect on its source's window (a scored image or a dead letter)."""
+
+    offset: int
+    source: str
+    ts: float
+    scored: bool
+    is_ood: bool = False
+    score: float = 0.0
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class WindowBucket:
+    """Counters of one source in one time bucket."""
+
+    start: float
+    images: int
+    ood: int
+    score_sum: float
+    dead: int
+
+    @property
+    def mean_score(self) -> float:
+        return self.score_sum / self.images if self.images else float("nan")
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """A source as the dashboard lists it."""
+
+    source: str
+    last_ts: float
+    drift_state: str
+    window: dict[str, Any] = field(default_factory=dict)
+
+
+class MonitorState:
+    """All monitor state in Redis for one deployment (`keys.prefix`).
+
+    Args:
+        redis: a `redis.Redis` client.
+        keys: the key layout.
+        bucket_s: width of a window bucket in seconds (event time).
+        window_buckets: buckets in the drift window.
+        window_ttl_s: bucket expiry.
+        recent_alerts_max: length cap of the dashboard's alert list.
+        baseline_max: reservoir cap (most recent vetted-ID scores per model version).
+        baseline_min: reservoir size from which its conformal threshold replaces the registry's.
+        heartbeat_ttl_s: heartbeat expiry.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        *,
+        bucket_s: int = 60,
+        window_buckets: int = 10,
+        window_ttl_s: int = 86400,
+        recent_alerts_max: int = 500,
+        baseline_max: int = 5000,
+        baseline_min: int = 500,
+        heartbeat_ttl_s: int = 30,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.bucket_s = int(bucket_s)
+        self.window_buckets = int(window_buckets)
+        self.window_ttl_s = int(window_ttl_s)
+        self.recent_alerts_max = int(recent_alerts_max)
+        self.baseline_max = int(baseline_max)
+        self.baseline_min = int(baseline_min)
+        self.heartbeat_ttl_s = int(heartbeat_ttl_s)
+        self._apply = redis.register_script(_APPLY)
+        self._drift_cas = redis.register_script(_DRIFT_CAS)
+        self._mark_emitted = redis.register_script(_MARK_EMITTED)
+
+    @classmethod
+    def from_settings(cls, redis: Any, keys: Keys, monitor: Any) -> MonitorState:
+        """Build from a `config.settings.MonitorSettings`."""
+        return cls(
+            redis,
+            keys,
+            bucket_s=monitor.bucket_s,
+            window_buckets=monitor.window_buckets,
+            window_ttl_s=monitor.window_ttl_s,
+            recent_alerts_max=monitor.recent_alerts_max,
+            baseline_max=monitor.baseline_max,
+            baseline_min=monitor.baseline_min,
+            heartbeat_ttl_s=monitor.heartbeat_ttl_s,
+        )
+
+    def bucket_of(self, ts: float) -> int:
+        return int(math.floor(ts / self.bucket_s))
+
+    # ---- the hot path ---------------------------------------------------------------------------
+    def apply_batch(
+        self,
+        group: str,
+        topic: str,
+        partition: int,
+        records: Sequence[WindowRecord],
+        alerts: Sequence[tuple[int, str]] = (),
+    ) -> ApplyResult:
+        """Apply one partition's slice of a batch exactly once (records at or below the watermark are skipped).
+
+        `alerts` are (offset, JSON) pairs pushed to the recent-alerts list under the same watermark check.
+        """
+        if not records:
+            return ApplyResult(0, 0)
+        keys = [self.keys.watermark(group, topic, partition), self.keys.sources(), self.keys.recent_alerts()]
+        index: dict[str, int] = {}
+
+        def idx(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)  # Lua is 1-based
+            return index[key]
+
+        rows = []
+        for r in records:
+            b = idx(self.keys.window_bucket(r.source, self.bucket_of(r.ts)))
+            d = idx(self.keys.drift(r.source))
+            score = float(r.score) if math.isfinite(r.score) else 0.0
+            rows.append([int(r.offset), b, d, int(r.scored), int(r.is_ood), score, r.source, float(r.ts)])
+        payload = {
+            "r": rows,
+            "a": [[int(o), a] for o, a in alerts],
+            "ttl": self.window_ttl_s,
+            "recent_max": self.recent_alerts_max,
+        }
+        applied, skipped = self._apply(keys=keys, args=[json.dumps(payload)])
+        return ApplyResult(int(applied), int(skipped))
+
+    def evaluate_drift(
+        self, sources: Iterable[str], test: DriftTest, *, model_version: str | None = None, retries: int = 5
+    ) -> list[DriftAlert]:
+        """Decide drift for each source from the shared window; return the alerts to produce.
+
+        Returns transitions made now plus earlier ones not yet confirmed emitted (call `mark_drift_emitted`
+        once the broker acknowledged them).
+        """
+        out: list[DriftAlert] = []
+        for source in sorted(set(sources)):
+            for _ in range(retries):
+                snap = self._drift_snapshot(source)
+                decision = test.evaluate(snap["state"], snap["images"], snap["ood"])
+                window = WindowStats(
+                    images=decision.images,
+                    ood=decision.ood,
+                    rate=decision.rate,
+                    null_rate=decision.null_rate,
+                    p_value=decision.p_value,
+                    window_s=float(self.bucket_s * self.window_buckets),
+                    since=snap["since"],
+                    until=snap["until"],
+                )
+                fields = {
+                    "state": decision.state,
+                    "images": decision.images,
+                    "ood": decision.ood,
+                    "rate": decision.rate,
+                    "p_value": decision.p_value,
+                    "null_rate": decision.null_rate,
+                    "evaluated": time.time(),
+                }
+                alert = ""
+                if decision.changed:
+                    seq = snap["seq"] + 1
+                    fields["since"] = snap["until"]
+                    alert_obj = DriftAlert(
+                        alert_id=f"drift:{source}:{seq}",
+                        source=source,
+                        state="raised" if decision.state == "raised" else "cleared",
+                        seq=seq,
+                        ts=snap["until"],
+                        window=window,
+                        model_version=model_version,
+                    )
+                    alert = alert_obj.model_dump_json()
+                ok = self._drift_cas(
+                    keys=[self.keys.drift(source), self.keys.recent_alerts()],
+                    args=[
+                        snap["ver"],
+                        snap["seq"],
+                        json.dumps({"fields": fields, "alert": alert, "recent_max": self.recent_alerts_max}),
+                    ],
+                )
+                if int(ok) == 1:
+                    if alert:
+                        out.append(alert_obj)
+                    elif snap["seq"] > snap["emitted"] and snap["alert"]:
+                        out.append(DriftAlert.model_validate_json(snap["alert"]))
+                    break
+        return out
+
+    def mark_drift_emitted(self, alerts: Iterable[DriftAlert]) -> None:
+        """Record that these drift alerts reached the broker (stops their re-emission)."""
+        for a in alerts:
+            self._mark_emitted(keys=[self.keys.drift(a.source)], args=[a.seq])
+
+    def _drift_snapshot(self, source: str) -> dict[str, Any]:
+        last_ts = self.redis.zscore(self.keys.sources(), source)
+        last_ts = float(last_ts) if last_ts is not None else time.time()
+        top = self.bucket_of(last_ts)
+        buckets = list(range(top - self.window_buckets + 1, top + 1))
+        pipe = self.redis.pipeline(transaction=True)  # MULTI/EXEC: one consistent snapshot
+        for b in buckets:
+            pipe.hmget(self.keys.window_bucket(source, b), "images", "ood")
+        pipe.hmget(self.keys.drift(source), "state", "ver", "seq", "emitted", "alert")
+        pipe.zscore(self.keys.sources(), source)
+        res = pipe.execute()
+        if res[-1] is not None and self.bucket_of(float(res[-1])) != top:
+            return self._drift_snapshot(source)  # the window moved between the two reads
+        images = sum(_i(r[0]) for r in res[: len(buckets)])
+        ood = sum(_i(r[1]) for r in res[: len(buckets)])
+        state, ver, seq, emitted, alert = res[len(buckets)]
+        return {
+            "state": "raised" if _s(state) == "raised" else "ok",
+            "ver": _i(ver),
+            "seq": _i(seq),
+            "emitted": _i(emitted),
+            "alert": _s(alert),
+            "images": images,
+            "ood": ood,
+            "since": float(buckets[0] * self.bucket_s),
+            "until": float((top + 1) * self.bucket_s),
+        }
+
+    def push_alert(self, alert_json: str) -> None:
+        """Add an alert to the dashboard list (model alerts; OOD and drift alerts go through the scripts)."""
+        pipe = self.redis.pipeline()
+        pipe.lpush(self.keys.recent_alerts(), alert_json)
+        pipe.ltrim(self.keys.recent_alerts(), 0, self.recent_alerts_max - 1)
+        pipe.execute()
+
+    # ---- heartbeats ------------------------------------------------------------------------------
+    def heartbeat(
+        self,
+        instance: str,
+        *,
+        model_version: str | None,
+        rate: float,
+        lag: int | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Record that `instance` is alive (expires after heartbeat_ttl_s)."""
+        now = time.time()
+        fields: dict[str, Any] = {
+            "instance": instance,
+            "model_version": model_version or "",
+            "rate": f"{rate:.3f}",
+            "lag": "" if lag is None else int(lag),
+            "ts": f"{now:.3f}",
+        }
+        for k, v in (extra or {}).items():
+            fields[k] = json.dumps(v) if isinstance(v, dict | list) else v
+        key = self.keys.heartbeat(instance)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.heartbeat_ttl_s)
+        pipe.zadd(self.keys.heartbeats(), {instance: now})
+        pipe.execute()
+
+    def remove_heartbeat(self, instance: str) -> None:
+        """Forget an instance at clean shutdown."""
+        self.redis.delete(self.keys.heartbeat(instance))
+        self.redis.zrem(self.keys.heartbeats(), instance)
+
+    # ---- baseline reservoir and threshold ---------------------------------------------------------
+    def add_baseline_scores(self, version: str, scores: Iterable[float], alpha: float | None = None) -> float | None:
+        """Add vetted-ID scores of `version` to its reservoir (capped, most recent kept) and recompute its
+        conformal threshold. Only vetted data may be passed here: this is what moves a threshold.
+
+        Returns the new threshold, or None while the reservoir is below `baseline_min`.
+        """
+        values = [float(s) for s in scores if math.isfinite(float(s))]
+        if values:
+            pipe = self.redis.pipeline()
+            pipe.lpush(self.keys.baseline(version), *[repr(v) for v in values])
+            pipe.ltrim(self.keys.baseline(version), 0, self.baseline_max - 1)
+            pipe.hincrby(self.keys.baseline_meta(version), "seen", len(values))
+            pipe.execute()
+        if alpha is None:
+            alpha = self._entry_alpha(version)
+        if alpha is None:
+            return None
+        return self._recompute_threshold(version, float(alpha))
+
+    def _recompute_threshold(self, version: str, alpha: float) -> float | None:
+        from dlsr.calibration import conformal_threshold
+
+        scores = np.array([_f(v) for v in self.redis.lrange(self.keys.baseline(version), 0, -1)], dtype=np.float64)
+        if scores.size < self._min_reservoir(alpha):
+            return None
+        threshold = float(conformal_threshold(scores, alpha))
+        self.redis.hset(
+            self.keys.baseline_meta(version),
+            mapping={"threshold": repr(threshold), "alpha": repr(alpha), "n": scores.size, "updated": time.time()},
+        )
+        return threshold
+
+    def _min_reservoir(self, alpha: float) -> int:
+        # Below ceil(1/alpha) - 1 scores the conformal rank exceeds n and no finite threshold exists.
+        return max(self.baseline_min, int(math.ceil(1.0 / alpha)))
+
+    def baseline_scores(self, version: str) -> np.ndarray:
+        """The reservoir (most recent first)."""
+        return np.array([_f(v) for v in self.redis.lrange(self.keys.baseline(version), 0, -1)], dtype=np.float64)
+
+    def baseline_threshold(self, version: str, alpha: float) -> float | None:
+        """Threshold in force for `version`: the reservoir's conformal threshold once it holds enough vetted
+        scores, else the registry entry's threshold, else None."""
+        meta = self.redis.hgetall(self.keys.baseline_meta(version))
+        meta = {_s(k): _s(v) for k, v in meta.items()}
+        if (
+            meta.get("threshold")
+            and meta.get("alpha")
+            and abs(float(meta["alpha"]) - alpha) < 1e-12
+            and _i(meta.get("n")) >= self._min_reservoir(alpha)
+        ):
+            return float(meta["threshold"])
+        if self.redis.llen(self.keys.baseline(version)) >= self._min_reservoir(alpha):
+            value = self._recompute_threshold(version, alpha)
+            if value is not None:
+                return value
+        raw = self.redis.hget(self.keys.model_entry(version), "threshold")
+        return _f(raw, float("nan")) if raw is not None else None
+
+    def _entry_alpha(self, version: str) -> float | None:
+        raw = self.redis.hget(self.keys.model_entry(version), "alpha")
+        return _f(raw) if raw is not None else None
+
+    # ---- reads for the dashboard / CLI ----------------------------------------------------------------
+    def read_sources(self) -> list[SourceSummary]:
+        """Every source seen, most recent first, with its drift state and last window statistics."""
+        rows = self.redis.zrevrange(self.keys.sources(), 0, -1, withscores=True)
+        out = []
+        for name, score in rows:
+            source = _s(name) or ""
+            d = self.read_drift(source)
+            out.append(SourceSummary(source, float(score), d.get("state", "ok"), d))
+        return out
+
+    def read_window(self, source: str, since: float, until: float | None = None) -> list[WindowBucket]:
+        """Buckets of `source` from `since` to `until` (default now), oldest first; empty buckets included."""
+        until = time.time() if until is None else until
+        first, last = self.bucket_of(since), self.bucket_of(until)
+        if last - first > 10_000:
+            first = last - 10_000
+        pipe = self.redis.pipeline()
+        for b in range(first, last + 1):
+            pipe.hgetall(self.keys.window_bucket(source, b))
+        out = []
+        for b, raw in zip(range(first, last + 1), pipe.execute(), strict=True):
+            h = {_s(k): v for k, v in raw.items()}
+            out.append(
+                WindowBucket(
+                    float(b * self.bucket_s),
+                    _i(h.get("images")),
+                    _i(h.get("ood")),
+                    _f(h.get("score_sum")),
+                    _i(h.get("dead")),
+                )
+            )
+        return out
+
+    def window_totals(self, source: str, since: float = 0.0, until: float | None = None) -> dict[str, float]:
+        """Sums of a source's counters over [since, until] (tests and `dlsr` status use it)."""
+        if until is None:
+            last = self.redis.zscore(self.keys.sources(), source)
+            until = float(last) if last is not None else time.time()
+        if since <= 0.0:
+            since = until - self.window_ttl_s
+        buckets = self.read_window(source, since, until)
+        return {
+            "images": sum(b.images for b in buckets),
+            "ood": sum(b.ood for b in buckets),
+            "dead": sum(b.dead for b in buckets),
+            "score_sum": sum(b.score_sum for b in buckets),
+        }
+
+    def read_drift(self, source: str) -> dict[str, Any]:
+        """Drift hash of one source: state, images, ood, rate, p_value, null_rate, since, seq, evaluated."""
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.drift(source)).items()}
+        out: dict[str, Any] = {"state": raw.get("state") or "ok"}
+        for k in ("images", "ood", "seq", "ver"):
+            out[k] = _i(raw.get(k))
+        for k in ("rate", "p_value", "null_rate", "since", "evaluated"):
+            if raw.get(k):
+                out[k] = _f(raw.get(k))
+        return out
+
+    def read_heartbeats(self) -> list[dict[str, Any]]:
+        """Live monitor instances (expired ones are dropped from the index)."""
+        out = []
+        for name in self.redis.zrange(self.keys.heartbeats(), 0, -1):
+            instance = _s(name) or ""
+            raw = self.redis.hgetall(self.keys.heartbeat(instance))
+            if not raw:
+                self.redis.zrem(self.keys.heartbeats(), instance)
+                continue
+            h = {_s(k): _s(v) for k, v in raw.items()}
+            out.append(
+                {
+                    "instance": instance,
+                    "model_version": h.get("model_version") or None,
+                    "rate": _f(h.get("rate")),
+                    "lag": _i(h.get("lag")) if h.get("lag") not in (None, "") else None,
+                    "ts": _f(h.get("ts")),
+                    **{k: v for k, v in h.items() if k not in ("instance", "model_version", "rate", "lag", "ts")},
+                }
+            )
+        return out
+
+    def read_recent_alerts(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Newest first, as dicts (each has `kind`: ood / drift / model)."""
+        out = []
+        for raw in self.redis.lrange(self.keys.recent_alerts(), 0, max(0, limit - 1)):
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+        return out
+
+    def read_model(self) -> dict[str, Any]:
+        """Current version, its registry entry and its baseline (threshold in force, reservoir size)."""
+        version = _s(self.redis.get(self.keys.model_current()))
+        if version is None:
+            return {"version": None}
+        entry = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.model_entry(version)).items()}
+        alpha = _f(entry.get("alpha"), float("nan"))
+        return {
+            "version": version,
+            "entry": entry,
+            "registry_threshold": _f(entry.get("threshold"), float("nan")),
+            "alpha": alpha,
+            "baseline": self.read_baseline(version),
+        }
+
+    def read_baseline(self, version: str) -> dict[str, Any]:
+        """Reservoir size, scores seen, and its conformal threshold (if computed)."""
+        meta = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.baseline_meta(version)).items()}
+        return {
+            "size": int(self.redis.llen(self.keys.baseline(version))),
+            "seen": _i(meta.get("seen")),
+            "threshold": _f(meta.get("threshold"), float("nan")) if meta.get("threshold") else None,
+            "alpha": _f(meta.get("alpha")) if meta.get("alpha") else None,
+        }
+
+    def read_watermark(self, group: str, topic: str, partition: int) -> int:
+        """Highest applied input offset of a partition (-1 when none)."""
+        raw = self.redis.get(self.keys.watermark(group, topic, partition))
+        return _i(raw, -1) if raw is not None else -1
