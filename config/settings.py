@@ -193,46 +193,6 @@ class MonitorSettings(BaseModel):
         30.0, gt=0, description="Seconds between threshold re-reads from Redis"
     )
     produce_timeout_s: float = Field(
-    max_poll_records: int = Field(
-        256,
-        ge=1,
-        description="Most records fetched per poll (bounds memory: at most two batches are in flight)",
-    )
-    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images")
-    max_image_bytes: int = Field(20_000_000, ge=1, description="Larger message values are dead letters")
-    max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Larger images are dead letters (decompression bombs)"
-    )
-    bucket_s: int = Field(60, ge=1, description="Width of one per-source window bucket, seconds (event time)")
-    window_buckets: int = Field(10, ge=1, description="Buckets in the sliding drift window")
-    window_ttl_s: int = Field(24 * 3600, ge=60, description="Window buckets expire after this many seconds")
-    drift_null_factor: float = Field(
-        2.0,
-        ge=1.0,
-        description="In distribution the OOD-flag rate is at most alpha x this factor (the test's null)",
-    )
-    drift_raise_p: float = Field(
-        1e-6,
-        gt=0,
-        lt=1,
-        description="Raise drift when the window's one-sided binomial p-value falls below this",
-    )
-    drift_clear_p: float = Field(
-        0.05, gt=0, lt=1, description="Clear drift when the p-value rises above this (hysteresis)"
-    )
-    drift_min_images: int = Field(50, ge=1, description="No drift decision on a window with fewer images")
-    ood_alerts: bool = Field(True, description="Emit an `ood` alert for every image over its threshold")
-    heartbeat_s: float = Field(5.0, gt=0, description="Seconds between heartbeats (rate, consumer lag)")
-    heartbeat_ttl_s: int = Field(30, ge=1, description="A heartbeat expires after this many seconds")
-    recent_alerts_max: int = Field(500, ge=1, description="Alerts kept in Redis for the dashboard")
-    baseline_max: int = Field(5000, ge=10, description="Vetted-ID scores kept in the baseline reservoir")
-    baseline_min: int = Field(
-        500, ge=1, description="Reservoir size from which the conformal threshold replaces the registry's"
-    )
-    threshold_refresh_s: float = Field(
-        30.0, gt=0, description="Seconds between threshold re-reads from Redis"
-    )
-    produce_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for the broker to acknowledge a batch"
     )
 
