@@ -1,0 +1,110 @@
+"""Settings: env nesting, .env, TOML, validation of security fields."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from config import ConfigFileError, Settings, load_settings
+from config.settings import KafkaSettings, RedisSettings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    # Settings read the process environment and the working directory: isolate both.
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DLSR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_build_without_any_configuration():
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert s.redis.url.startswith("redis://")
+    assert 0 < s.model.alpha < 1
+
+
+def test_env_prefix_and_nested_delimiter(monkeypatch):
+    monkeypatch.setenv("DLSR_KAFKA__BOOTSTRAP_SERVERS", "kafka:9092")
+    monkeypatch.setenv("DLSR_MODEL__ALPHA", "0.05")
+    monkeypatch.setenv("DLSR_DASHBOARD__REFRESH_S", "2.5")
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "kafka:9092"
+    assert s.model.alpha == 0.05
+    assert s.dashboard.refresh_s == 2.5
+
+
+def test_dotenv_file_is_read_and_env_wins(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("DLSR_REDIS__PREFIX=fromdotenv\nDLSR_KAFKA__CLIENT_ID=dotenv\n")
+    monkeypatch.setenv("DLSR_KAFKA__CLIENT_ID", "fromenv")
+    s = Settings()
+    assert s.redis.prefix == "fromdotenv"
+    assert s.kafka.client_id == "fromenv"
+
+
+def test_toml_file_named_by_env_is_lowest_precedence(monkeypatch, tmp_path):
+    cfg = tmp_path / "conf.toml"
+    cfg.write_text('[model]\nalpha = 0.02\n[redis]\nprefix = "toml"\n')
+    monkeypatch.setenv("DLSR_CONFIG_FILE", str(cfg))
+    monkeypatch.setenv("DLSR_REDIS__PREFIX", "env")
+    s = load_settings()
+    assert s.model.alpha == 0.02
+    assert s.redis.prefix == "env"
+
+
+def test_default_toml_in_working_directory(tmp_path):
+    (tmp_path / "dlsr.toml").write_text("[trainer]\nmin_new_vetted = 7\n")
+    assert load_settings().trainer.min_new_vetted == 7
+
+
+def test_missing_named_config_file_is_a_config_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("DLSR_CONFIG_FILE", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigFileError, match="DLSR_CONFIG_FILE=.*nope.toml: no such file"):
+        load_settings()
+
+
+def test_malformed_toml_names_the_file_and_line(monkeypatch, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[model]\nalpha = 0.05\n[kafka\n")
+    monkeypatch.setenv("DLSR_CONFIG_FILE", str(cfg))
+    with pytest.raises(ConfigFileError) as info:
+        load_settings()
+    msg = str(info.value)
+    assert "bad.toml" in msg and "line 3" in msg and "\n" not in msg
+
+
+def test_sasl_protocol_requires_a_mechanism():
+    with pytest.raises(ValidationError, match="needs a mechanism"):
+        KafkaSettings(security_protocol="SASL_SSL")
+    k = KafkaSettings(
+        security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="u", sasl_password="p"
+    )
+    kw = k.client_kwargs()
+    assert kw["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kw["sasl_plain_password"] == "p"
+    assert kw["security_protocol"] == "SASL_SSL"
+
+
+def test_kafka_tls_files_reach_the_client(tmp_path):
+    k = KafkaSettings(security_protocol="SSL", ssl_cafile=tmp_path / "ca.pem")
+    assert k.client_kwargs()["ssl_cafile"] == str(tmp_path / "ca.pem")
+    assert k.client_kwargs()["bootstrap_servers"] == ["127.0.0.1:9092"]
+
+
+def test_redis_auth_and_tls():
+    r = RedisSettings(url="rediss://cache:6380/1", username="app", password="s3cret", ssl_ca_certs="/ca.pem")
+    assert r.client_kwargs() == {"username": "app", "password": "s3cret", "ssl_ca_certs": "/ca.pem"}
+    assert isinstance(r.password, SecretStr) and "s3cret" not in repr(r)
+    with pytest.raises(ValidationError, match="redis://"):
+        RedisSettings(url="http://cache:6379")
+
+
+def test_unknown_keys_are_refused_in_every_section(monkeypatch):
+    for name in ("DLSR_KAFKA__BOGUS", "DLSR_MODEL__ALHPA", "DLSR_MONITOR__NOPE", "DLSR_TRAINER__NOPE"):
+        monkeypatch.setenv(name, "1")
+        with pytest.raises(ValidationError, match="xtra inputs are not permitted"):
+            Settings()
+        monkeypatch.delenv(name)
