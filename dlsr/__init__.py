@@ -1,0 +1,60 @@
+"""DLSR: diffusion-based layer-wise semantic reconstruction for unsupervised OOD detection (pure core).
+
+Public API: encoder and readers (images -> features), detectors (DLSR and the kNN / Mahalanobis baselines),
+conformal calibration, metrics, artifacts and the named errors.
+"""
+
+from dlsr.artifacts import artifact_digest, load_detector, save_detector
+from dlsr.baselines import KNNDetector, MahalanobisDetector
+from dlsr.cache import FeatureCache
+from dlsr.calibration import conformal_threshold, p_values
+from dlsr.detector import SCORES, BaseDetector, DLSRDetector, Prediction
+from dlsr.diffusion import SCHEDULES, GaussianDiffusion
+from dlsr.encoder import Encoder
+from dlsr.exceptions import (
+    ArtifactError,
+    CalibrationWarning,
+    DLSRError,
+    FeatureWidthError,
+    NotCalibratedError,
+    NotFittedError,
+)
+from dlsr.images import ImageDecodeError, decode_image
+from dlsr.lfdn import LFDN
+from dlsr.metrics import aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics
+from dlsr.readers import ImageItem, array_images, open_images
+
+__all__ = [
+    "LFDN",
+    "SCHEDULES",
+    "SCORES",
+    "ArtifactError",
+    "BaseDetector",
+    "CalibrationWarning",
+    "DLSRDetector",
+    "DLSRError",
+    "Encoder",
+    "FeatureCache",
+    "FeatureWidthError",
+    "GaussianDiffusion",
+    "ImageDecodeError",
+    "ImageItem",
+    "KNNDetector",
+    "MahalanobisDetector",
+    "NotCalibratedError",
+    "NotFittedError",
+    "Prediction",
+    "array_images",
+    "artifact_digest",
+    "aupr_in",
+    "aupr_out",
+    "auroc",
+    "conformal_threshold",
+    "decode_image",
+    "fpr_at_tpr",
+    "load_detector",
+    "ood_metrics",
+    "open_images",
+    "p_values",
+    "save_detector",
+]

@@ -1,0 +1,186 @@
+"""Baselines on the same frozen features, behind the same Detector interface (METHOD.md section 5).
+
+- `KNNDetector`: unsupervised kNN (Sun et al. 2022): cosine distance to the k-th nearest training feature,
+  all features L2-normalised.
+- `MahalanobisDetector`: one Gaussian over all ID features (no labels), covariance shrunk towards a scaled
+  identity (Ledoit-Wolf or a fixed amount), score = squared Mahalanobis distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlsr.detector import BaseDetector
+
+if TYPE_CHECKING:
+    from dlsr.encoder import Encoder
+
+
+class KNNDetector(BaseDetector):
+    """Score = 1 - cosine similarity to the k-th nearest training feature (higher = more OOD).
+
+    Args:
+        k: which neighbour (Sun et al. use k = 50 for CIFAR-10 with the full training set).
+        chunk_size: rows per block of the similarity matmul, so e.g. 10k queries x 50k bank never materialise
+            a full similarity matrix (memory ~ chunk_size x bank_chunk x 4 bytes).
+    """
+
+    kind: ClassVar[str] = "knn"
+
+    def __init__(
+        self,
+        encoder: Encoder | None = None,
+        *,
+        k: int = 50,
+        chunk_size: int = 4096,
+        device: str | torch.device = "cpu",
+        boundaries: Sequence[int] | None = None,
+        score_batch_size: int = 4096,
+        encode_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(encoder, device=device, boundaries=boundaries, score_batch_size=score_batch_size,
+                         encode_batch_size=encode_batch_size, progress=progress)
+        if k < 1 or chunk_size < 1:
+            raise ValueError(f"k and chunk_size must be >= 1; got k={k}, chunk_size={chunk_size}")
+        self.k, self.chunk_size = int(k), int(chunk_size)
+        self.bank: Tensor | None = None  # (N, D) L2-normalised training features
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.bank is not None
+
+    def _fit_tensor(self, x: Tensor, *, progress: bool, warm_start: bool = False) -> None:
+        if self.k > x.shape[0] + (self.bank.shape[0] if warm_start and self.bank is not None else 0):
+            raise ValueError(f"k={self.k} needs at least {self.k} training samples; got {x.shape[0]}")
+        bank = F.normalize(x.float(), dim=1)
+        if warm_start and self.bank is not None:
+            bank = torch.cat([self.bank, bank], dim=0)
+        self.bank = bank.contiguous()
+
+    @torch.no_grad()
+    def _score_tensor(self, x: Tensor) -> Tensor:
+        assert self.bank is not None
+        q = F.normalize(x.float(), dim=1)
+        out = torch.empty(q.shape[0], dtype=torch.float64, device=q.device)
+        for i in range(0, q.shape[0], self.chunk_size):
+            qi = q[i : i + self.chunk_size]
+            best: Tensor | None = None  # running top-k similarities (largest), (n, k)
+            for j in range(0, self.bank.shape[0], self.chunk_size):
+                sims = qi @ self.bank[j : j + self.chunk_size].T
+                cand = sims if best is None else torch.cat([best, sims], dim=1)
+                best = torch.topk(cand, min(self.k, cand.shape[1]), dim=1).values
+            assert best is not None
+            out[i : i + qi.shape[0]] = 1.0 - best[:, self.k - 1].double()
+        return out
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"k": self.k, "chunk_size": self.chunk_size, "score_batch_size": self.score_batch_size,
+                "encode_batch_size": self.encode_batch_size}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        self._require_fitted()
+        assert self.bank is not None
+        return {"bank": self.bank.detach().cpu().contiguous()}
+
+    def _load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.bank = tensors["bank"].to(self.device, torch.float32).contiguous()
+
+
+def ledoit_wolf_shrinkage(xc: Tensor) -> float:
+    """Ledoit-Wolf (2004) optimal shrinkage of the sample covariance towards mu I, for centred data (n, p).
+
+    Same estimator as scikit-learn's `ledoit_wolf_shrinkage` (float64).
+    """
+    n, p = xc.shape
+    x = xc.double()
+    x2 = x * x
+    emp_cov_trace = x2.sum(dim=0) / n
+    mu = float(emp_cov_trace.sum()) / p
+    beta_ = float((x2.T @ x2).sum())
+    delta_ = float(((x.T @ x) ** 2).sum()) / n**2
+    beta = (beta_ / n - delta_) / (p * n)
+    delta = (delta_ - 2.0 * mu * float(emp_cov_trace.sum()) + p * mu**2) / p
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else beta / delta
+
+
+class MahalanobisDetector(BaseDetector):
+    """Squared Mahalanobis distance to one Gaussian fitted on all ID features (higher = more OOD).
+
+    Args:
+        shrinkage: "ledoit_wolf" (data-driven) or a fixed amount in [0, 1]:
+            cov = (1 - s) S + s (tr(S) / p) I, which keeps the inverse stable when D is large for n.
+    """
+
+    kind: ClassVar[str] = "mahalanobis"
+
+    def __init__(
+        self,
+        encoder: Encoder | None = None,
+        *,
+        shrinkage: str | float = "ledoit_wolf",
+        device: str | torch.device = "cpu",
+        boundaries: Sequence[int] | None = None,
+        score_batch_size: int = 4096,
+        encode_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(encoder, device=device, boundaries=boundaries, score_batch_size=score_batch_size,
+                         encode_batch_size=encode_batch_size, progress=progress)
+        if isinstance(shrinkage, str):
+            if shrinkage != "ledoit_wolf":
+                raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1]; got {shrinkage!r}")
+        elif not 0.0 <= float(shrinkage) <= 1.0:
+            raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1]; got {shrinkage!r}")
+        self.shrinkage: str | float = shrinkage if isinstance(shrinkage, str) else float(shrinkage)
+        self.shrinkage_used: float | None = None
+        self.mean: Tensor | None = None  # (D,) float64
+        self.precision: Tensor | None = None  # (D, D) float64
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.precision is not None
+
+    def _fit_tensor(self, x: Tensor, *, progress: bool, warm_start: bool = False) -> None:
+        # Float64 throughout: the covariance of z-scored features can be ill-conditioned.
+        xd = x.double()
+        mean = xd.mean(dim=0)
+        xc = xd - mean
+        n, p = xc.shape
+        cov = (xc.T @ xc) / n
+        s = ledoit_wolf_shrinkage(xc) if self.shrinkage == "ledoit_wolf" else float(self.shrinkage)
+        mu = float(torch.trace(cov)) / p
+        shrunk = (1.0 - s) * cov + s * mu * torch.eye(p, dtype=torch.float64, device=x.device)
+        try:
+            chol = torch.linalg.cholesky(shrunk)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the feature covariance is singular (shrinkage {s:g}); use a larger fixed shrinkage, e.g. 0.1"
+            ) from exc
+        self.precision = torch.cholesky_inverse(chol)
+        self.mean, self.shrinkage_used = mean, s
+
+    @torch.no_grad()
+    def _score_tensor(self, x: Tensor) -> Tensor:
+        assert self.mean is not None and self.precision is not None
+        d = x.double() - self.mean
+        return ((d @ self.precision) * d).sum(dim=1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"shrinkage": self.shrinkage, "score_batch_size": self.score_batch_size,
+                "encode_batch_size": self.encode_batch_size}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        self._require_fitted()
+        assert self.mean is not None and self.precision is not None
+        return {"mean": self.mean.cpu().contiguous(), "precision": self.precision.cpu().contiguous()}
+
+    def _load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.mean = tensors["mean"].to(self.device, torch.float64)
+        self.precision = tensors["precision"].to(self.device, torch.float64)

@@ -1,0 +1,671 @@
+"""Detectors in the shape of alibi-detect: build -> fit -> score -> calibrate -> predict -> save / load.
+
+`DLSRDetector` is the method of the paper (METHOD.md sections 2-4): an LFDN trained to denoise the encoder's
+multi-layer features, scored by how badly it reconstructs them. The baselines in `dlsr.baselines` share the
+`BaseDetector` interface, so everything downstream (monitor, trainer, benchmarks) can use any of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlsr.calibration import check_alpha, conformal_threshold, p_values
+from dlsr.diffusion import SCHEDULES, GaussianDiffusion
+from dlsr.exceptions import DLSRError, FeatureWidthError, NotCalibratedError, NotFittedError
+from dlsr.lfdn import LFDN
+
+if TYPE_CHECKING:  # the encoder is only ever passed in; importing it here would load timm for baseline users
+    from dlsr.encoder import Encoder
+
+
+# --------------------------------------------------------------------------------------------------------
+# scores (METHOD.md section 3): higher = more OOD
+
+
+def _segments(boundaries: Sequence[int]) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)]
+
+
+def mse_score(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
+    """Mean squared reconstruction error over all dims (the official code sums; a mean ranks the same)."""
+    return torch.mean((z0.double() - rec.double()) ** 2, dim=1)
+
+
+def _mfsim(z0: Tensor, rec: Tensor, boundaries: Sequence[int], skip_first: bool) -> Tensor:
+    segs = _segments(boundaries)[1 if skip_first else 0 :]
+    a, b = z0.double(), rec.double()
+    sims = [F.cosine_similarity(a[:, lo:hi], b[:, lo:hi], dim=1, eps=1e-12) for lo, hi in segs]
+    return -torch.stack(sims, dim=0).mean(dim=0)
+
+
+def mfsim5_score(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
+    """Minus the mean per-layer cosine similarity over all layers (the paper's MFsim)."""
+    return _mfsim(z0, rec, boundaries, skip_first=False)
+
+
+def mfsim4_score(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
+    """Minus the mean per-layer cosine similarity over layers 2..L, skipping the first (the official code)."""
+    return _mfsim(z0, rec, boundaries, skip_first=True)
+
+
+SCORES: dict[str, Callable[[Tensor, Tensor, Sequence[int]], Tensor]] = {
+    "mse": mse_score,
+    "mfsim5": mfsim5_score,
+    "mfsim4": mfsim4_score,
+}
+
+
+def check_score_name(name: str, boundaries: Sequence[int] | None = None) -> str:
+    """Validate a score name (and that the layer layout supports it); returns the name."""
+    if name not in SCORES:
+        raise ValueError(f"unknown score {name!r}; choose one of {sorted(SCORES)}")
+    if name == "mfsim4" and boundaries is not None and len(boundaries) < 3:
+        raise ValueError("score 'mfsim4' skips the first layer and needs at least 2 layers; pass boundaries")
+    return name
+
+
+def check_boundaries(boundaries: Sequence[int] | None, dim: int | None = None) -> tuple[int, ...] | None:
+    """Validate cumulative layer boundaries (0, b1, ..., D): start at 0, strictly increasing, end at dim."""
+    if boundaries is None:
+        return None
+    b = tuple(int(x) for x in boundaries)
+    if len(b) < 2 or b[0] != 0 or any(y <= x for x, y in zip(b[:-1], b[1:], strict=True)):
+        raise ValueError(f"boundaries must be cumulative offsets (0, b1, ..., D), strictly increasing; got {b}")
+    if dim is not None and b[-1] != dim:
+        raise FeatureWidthError(f"boundaries {b} end at {b[-1]} but the features have D={dim} dims")
+    return b
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> CUDA when present else CPU; a CUDA request without CUDA is a ValueError naming the fix."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------------------
+# base class
+
+
+@dataclass
+class Prediction:
+    """What `predict` returns: one entry per input, plus the threshold in force."""
+
+    score: np.ndarray  # (N,) float64, higher = more OOD
+    threshold: float
+    p_value: np.ndarray  # (N,) conformal p-values
+    is_ood: np.ndarray  # (N,) bool, score > threshold
+
+
+def _is_pil(obj: Any) -> bool:
+    return hasattr(obj, "getbands") and hasattr(obj, "size")
+
+
+class BaseDetector:
+    """Shared fit / score / calibrate / predict / save logic; subclasses implement the model.
+
+    Subclasses set `kind` and implement `_fit_tensor`, `_score_tensor`, `hyperparameters`, `state_tensors` and
+    `_load_state`. State: `dim`, `boundaries`, `encoder_identity`, `n_train`, `alpha`, `threshold`,
+    `calibration_scores`: everything needed to save and restore the detector exactly.
+    """
+
+    kind: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        encoder: Encoder | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        boundaries: Sequence[int] | None = None,
+        score_batch_size: int = 1024,
+        encode_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        if score_batch_size < 1 or encode_batch_size < 1:
+            raise ValueError(
+                f"batch sizes must be >= 1; got score_batch_size={score_batch_size}, "
+                f"encode_batch_size={encode_batch_size}"
+            )
+        self.device = resolve_device(device)
+        self.encoder = encoder
+        self.score_batch_size = int(score_batch_size)
+        self.encode_batch_size = int(encode_batch_size)
+        self.progress = bool(progress)
+        self.dim: int | None = None
+        self.boundaries: tuple[int, ...] | None = check_boundaries(boundaries)
+        self.encoder_identity: dict | None = None
+        self.encoder_name: str | None = None
+        self.n_train: int = 0
+        self.alpha: float | None = None
+        self.threshold: float | None = None
+        self.calibration_scores: np.ndarray | None = None
+        if encoder is not None:
+            self._adopt_encoder(encoder)
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    @property
+    def is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.threshold is not None and self.calibration_scores is not None
+
+    def _adopt_encoder(self, encoder: Encoder) -> None:
+        """Take the feature layout from the encoder; it must agree with what the detector already knows."""
+        enc_b = tuple(int(b) for b in encoder.boundaries)
+        if self.boundaries is not None and self.boundaries != enc_b:
+            raise FeatureWidthError(
+                f"boundaries {self.boundaries} do not match encoder {encoder.name}'s {enc_b}; omit boundaries"
+            )
+        if self.dim is not None and self.dim != int(encoder.dim):
+            raise FeatureWidthError(
+                f"encoder {encoder.name} gives D={encoder.dim} features but the detector was fitted on "
+                f"D={self.dim} features from {self._source()}; use that encoder or refit"
+            )
+        self.boundaries = enc_b
+        self.encoder = encoder
+        self.encoder_name = str(encoder.name)
+        identity = getattr(encoder, "identity", None)
+        self.encoder_identity = identity() if callable(identity) else None
+
+    def _source(self) -> str:
+        return f"encoder {self.encoder_name}" if self.encoder_name else "an unnamed feature source"
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() first (or load_detector())")
+
+    # -- inputs ------------------------------------------------------------------------------------------
+
+    def _check_features(self, x: np.ndarray | Tensor, *, fitting: bool) -> Tensor:
+        """(N, D) array -> float32 tensor on the device, with the width checked up front."""
+        t = x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
+        if t.ndim != 2:
+            raise FeatureWidthError(f"features must be a 2-D (N, D) array; got shape {tuple(t.shape)}")
+        d = int(t.shape[1])
+        expected = self.dim if self.dim is not None else (int(self.encoder.dim) if self.encoder is not None else None)
+        if expected is not None and d != expected and not (fitting and self.encoder is None):
+            raise FeatureWidthError(
+                f"got D'={d} features, but the detector was fitted on D={expected} features from "
+                f"{self._source()}; pass features from that encoder (or refit)"
+            )
+        if self.boundaries is not None and self.boundaries[-1] != d:
+            raise FeatureWidthError(
+                f"got D'={d} features, but the layer boundaries {self.boundaries} describe D={self.boundaries[-1]}"
+                f" features from {self._source()}; pass matching boundaries or features"
+            )
+        return t.to(device=self.device, dtype=torch.float32)
+
+    def _encode_images(self, images: Iterable[Any], progress: bool) -> np.ndarray:
+        """Images (PIL images, or items with `.data` bytes such as an ImageSet) -> (N, D) features."""
+        if self.encoder is None:
+            raise ValueError(f"{type(self).__name__} has no encoder: pass encoder= when building it, or features")
+        chunks: list[np.ndarray] = []
+        batch: list[Any] = []
+
+        def flush() -> None:
+            if batch:
+                chunks.append(self.encoder.encode(batch, batch_size=self.encode_batch_size, progress=False))
+                batch.clear()
+
+        it: Iterable[Any] = images
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+            it = tqdm(images, total=total, desc=f"encode {self.encoder.name}", unit="img")
+        for item in it:
+            if _is_pil(item):
+                batch.append(item)
+            elif hasattr(item, "data"):
+                from dlsr.images import decode_image
+
+                batch.append(decode_image(item.data))
+            else:
+                raise TypeError(f"images must be PIL images or items with .data bytes; got {type(item).__name__}")
+            if len(batch) >= self.encode_batch_size * 4:
+                flush()
+        flush()
+        if not chunks:
+            return np.empty((0, int(self.encoder.dim)), dtype=np.float32)
+        return np.concatenate(chunks, axis=0)
+
+    def _inputs(self, features: Any, images: Any, progress: bool, *, fitting: bool) -> Tensor:
+        if (features is None) == (images is None):
+            raise ValueError("pass exactly one of features (an (N, D) array) or images=")
+        if images is not None:
+            features = self._encode_images(images, progress)
+        return self._check_features(features, fitting=fitting)
+
+    # -- the public API ----------------------------------------------------------------------------------
+
+    def fit(self, features: np.ndarray | None = None, *, images: Any = None, progress: bool | None = None,
+            **kwargs: Any) -> BaseDetector:
+        """Fit on in-distribution data: (N, D) features, or images through the encoder.
+
+        Returns:
+            self, fitted (any previous calibration is dropped: it belonged to the old model).
+        """
+        progress = self.progress if progress is None else progress
+        x = self._inputs(features, images, progress, fitting=True)
+        if x.shape[0] < 2:
+            raise ValueError(f"fit needs at least 2 samples; got {x.shape[0]}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("fit features contain NaN or infinite values; check the encoder and the images")
+        self._fit_tensor(x, progress=progress, **kwargs)
+        self.dim = int(x.shape[1])
+        if self.boundaries is None:
+            self.boundaries = (0, self.dim)
+        self.n_train = int(x.shape[0]) + (self.n_train if kwargs.get("warm_start") else 0)
+        self.alpha = self.threshold = self.calibration_scores = None
+        return self
+
+    def score(self, features: np.ndarray | None = None, *, images: Any = None, batch_size: int | None = None,
+              progress: bool = False, **options: Any) -> np.ndarray:
+        """OOD scores, higher = more OOD; every input is scored (no batch is dropped).
+
+        Args:
+            features: (N, D) features (or pass images= to go through the encoder).
+            batch_size: scoring batch (default `score_batch_size`); the result does not depend on it.
+            options: scorer-specific overrides (e.g. score=, t=, ddim_steps= for DLSR).
+
+        Returns:
+            (N,) float64 scores.
+        """
+        self._require_fitted()
+        x = self._inputs(features, images, progress, fitting=False)
+        bs = int(batch_size or self.score_batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1; got {bs}")
+        out = np.empty(x.shape[0], dtype=np.float64)
+        starts: Iterable[int] = range(0, x.shape[0], bs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"score {self.kind}", unit="batch")
+        for i in starts:
+            out[i : i + bs] = self._score_tensor(x[i : i + bs], **options).double().cpu().numpy()
+        return out
+
+    def score_pixels(self, x: Tensor, **options: Any) -> np.ndarray:
+        """Preprocessed pixels (N, 3, S, S) from `encoder.preprocess` -> (N,) float64 scores (one batch)."""
+        self._require_fitted()
+        if self.encoder is None:
+            raise ValueError(f"{type(self).__name__} has no encoder: pass encoder= (or load_detector(encoder=))")
+        z = self._check_features(self.encoder.encode_pixels(x), fitting=False)
+        return self._score_tensor(z, **options).double().cpu().numpy()
+
+    def calibrate(self, features: np.ndarray | None = None, *, images: Any = None, scores: np.ndarray | None = None,
+                  alpha: float = 0.01) -> BaseDetector:
+        """Set the conformal threshold from held-out in-distribution data (never the training data).
+
+        Args:
+            features / images / scores: the held-out ID set, or its precomputed scores.
+            alpha: target false-alarm rate in (0, 1).
+        """
+        alpha = check_alpha(alpha)
+        if scores is None:
+            scores = self.score(features, images=images)
+        elif features is not None or images is not None:
+            raise ValueError("pass scores= or features/images to calibrate, not both")
+        cal = np.asarray(scores, dtype=np.float64).reshape(-1)
+        threshold = conformal_threshold(cal, alpha)  # validates: non-empty, finite
+        self.calibration_scores, self.alpha, self.threshold = cal, alpha, threshold
+        return self
+
+    def predict(self, features: np.ndarray | None = None, *, images: Any = None,
+                scores: np.ndarray | None = None) -> Prediction:
+        """Scores, threshold, p-values and OOD flags (score > threshold) together."""
+        if not self.is_calibrated:
+            raise NotCalibratedError(f"{type(self).__name__} has no threshold: call calibrate() first")
+        s = self.score(features, images=images) if scores is None else np.asarray(scores, dtype=np.float64)
+        assert self.threshold is not None and self.calibration_scores is not None
+        return Prediction(
+            score=s,
+            threshold=float(self.threshold),
+            p_value=p_values(self.calibration_scores, s),
+            is_ood=(s > self.threshold) | np.isnan(s),
+        )
+
+    def save(self, path: str | Path, *, metrics: dict | None = None) -> Path:
+        """Write the detector atomically to directory `path` (see dlsr.artifacts); returns the path."""
+        from dlsr.artifacts import save_detector
+
+        return save_detector(self, path, metrics=metrics)
+
+    # -- subclass hooks ----------------------------------------------------------------------------------
+
+    def _fit_tensor(self, x: Tensor, *, progress: bool, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def _score_tensor(self, x: Tensor, **options: Any) -> Tensor:
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (without encoder and device) that rebuild this detector."""
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The fitted model as a flat dict of CPU tensors (saved with safetensors)."""
+        raise NotImplementedError
+
+    def _load_state(self, tensors: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------------
+# DLSR
+
+
+class DLSRDetector(BaseDetector):
+    """Diffusion-based layer-wise semantic reconstruction (Yang et al., NeurIPS 2024).
+
+    Args:
+        encoder: frozen feature encoder (optional: features-only use needs `boundaries` for MFsim).
+        score: "mse", "mfsim5" (all layers, the paper) or "mfsim4" (layers 2..L, the official code).
+        t: noise level in [1, T] for scoring (paper Fig. 4: 3..10 is best).
+        ddim_steps: DDIM steps from t to 0 (default t, as the official code; 1 = one direct x0 prediction).
+        eta: DDIM stochasticity (official code: 1).
+        n_draws: noise draws averaged per score (a fixed bank: the same noise for every image).
+        n_blocks, width, hidden, temb_dim, dropout: LFDN shape (paper: 16 blocks, W = W' = 2D).
+        T, schedule: diffusion steps and beta schedule (paper: 100, "sqrt_linear").
+        epochs, batch_size, lr, weight_decay, ema_decay, warmup_steps: training (paper: 150 epochs, batch 256,
+            lr 1e-3 x batch/256, AdamW weight decay 0.02, cosine schedule, EMA of the weights).
+        seed: seeds the initial weights, the training order and noise, and the scoring noise bank.
+        device: "cpu", "cuda", "cuda:1" or "auto"; on CUDA training runs under bf16 autocast.
+        score_amp: also score under bf16 autocast on CUDA (faster, but no longer exactly batch-independent).
+        boundaries: cumulative layer offsets (0, ..., D) when fitting on features without an encoder.
+        score_batch_size, encode_batch_size, progress: batching and progress bars.
+    """
+
+    kind: ClassVar[str] = "dlsr"
+
+    def __init__(
+        self,
+        encoder: Encoder | None = None,
+        *,
+        score: str = "mfsim5",
+        t: int = 5,
+        ddim_steps: int | None = None,
+        eta: float = 1.0,
+        n_draws: int = 1,
+        n_blocks: int = 16,
+        width: int | None = None,
+        hidden: int | None = None,
+        temb_dim: int | None = None,
+        dropout: float = 0.0,
+        T: int = 100,
+        schedule: str = "sqrt_linear",
+        epochs: int = 150,
+        batch_size: int = 256,
+        lr: float | None = None,
+        weight_decay: float = 0.02,
+        ema_decay: float = 0.999,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        score_amp: bool = False,
+        boundaries: Sequence[int] | None = None,
+        score_batch_size: int = 1024,
+        encode_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            encoder,
+            device=device,
+            boundaries=boundaries,
+            score_batch_size=score_batch_size,
+            encode_batch_size=encode_batch_size,
+            progress=progress,
+        )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        if T < 1:
+            raise ValueError(f"T must be >= 1; got {T}")
+        self._check_t(t, ddim_steps, T)
+        if n_draws < 1:
+            raise ValueError(f"n_draws must be >= 1; got {n_draws}")
+        if not eta >= 0.0:
+            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {eta}")
+        if epochs < 0 or batch_size < 1:
+            raise ValueError(f"need epochs >= 0 and batch_size >= 1; got epochs={epochs}, batch_size={batch_size}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.score_name = check_score_name(score, self.boundaries)
+        self.t, self.ddim_steps = int(t), (int(ddim_steps) if ddim_steps is not None else None)
+        self.eta, self.n_draws = float(eta), int(n_draws)
+        self.n_blocks, self.width, self.hidden, self.temb_dim = int(n_blocks), width, hidden, temb_dim
+        self.dropout, self.T, self.schedule = float(dropout), int(T), schedule
+        self.epochs, self.batch_size = int(epochs), int(batch_size)
+        self.lr = float(lr) if lr is not None else 1e-3 * batch_size / 256
+        self.weight_decay, self.ema_decay = float(weight_decay), float(ema_decay)
+        self.warmup_steps, self.seed, self.score_amp = int(warmup_steps), int(seed), bool(score_amp)
+        self.diffusion = GaussianDiffusion(self.T, self.schedule).to(self.device)
+        self.model: LFDN | None = None  # the EMA weights: what scores (and what is saved)
+        self._raw: LFDN | None = None  # the trained weights, kept for warm starts in this process
+        self.history: list[float] = []  # mean training loss per epoch
+
+    @staticmethod
+    def _check_t(t: int, ddim_steps: int | None, T: int) -> None:
+        if not 1 <= int(t) <= T:
+            raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
+        if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
+            raise ValueError(f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}")
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.model is not None
+
+    def _build(self, dim: int) -> LFDN:
+        return LFDN(dim, self.width, self.hidden, self.n_blocks, self.temb_dim, self.dropout)
+
+    # -- training ----------------------------------------------------------------------------------------
+
+    def _fit_tensor(self, x: Tensor, *, progress: bool, warm_start: bool = False, epochs: int | None = None,
+                    lr: float | None = None) -> None:
+        """Train the LFDN with AdamW, a cosine learning-rate schedule and an EMA of the weights.
+
+        Args:
+            x: (N, D) features on the device.
+            warm_start: continue from the current weights (the trainer's refit) instead of a fresh init.
+            epochs, lr: overrides for this call (e.g. a shorter, gentler warm-started refit).
+        """
+        n, d = int(x.shape[0]), int(x.shape[1])
+        epochs = self.epochs if epochs is None else int(epochs)
+        lr = self.lr if lr is None else float(lr)
+        if warm_start and self.model is not None:
+            if self.dim != d:
+                raise FeatureWidthError(f"warm start needs D={self.dim} features like the current model; got D'={d}")
+            raw = copy.deepcopy(self._raw if self._raw is not None else self.model)
+            ema = copy.deepcopy(self.model)
+        else:
+            # Seeded init without touching the caller's global RNG.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                raw = self._build(d)
+            ema = copy.deepcopy(raw)
+        raw = raw.to(self.device).train()
+        ema = ema.to(self.device).eval().requires_grad_(False)
+        params = [p for p in raw.parameters()]
+        ema_params = [p for p in ema.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        total = max(1, epochs * steps_per_epoch)
+        warmup = self.warmup_steps
+
+        def lr_factor(step: int) -> float:
+            # Linear warm-up (optional), then cosine decay to 0 over the run (the paper's cosine schedule).
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        gen_cpu = torch.Generator().manual_seed(self.seed + 1)
+        gen_dev = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+        amp = self.device.type == "cuda"
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs * steps_per_epoch, desc="fit LFDN", unit="step")
+        step = 0
+        history: list[float] = []
+        try:
+            # Dropout draws from the global RNG: fork it so training is reproducible and leaves callers alone.
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed + 3)
+                for epoch in range(epochs):
+                    perm = torch.randperm(n, generator=gen_cpu).to(self.device)
+                    loss_sum = torch.zeros((), device=self.device)
+                    for i in range(0, n, self.batch_size):
+                        xb = x.index_select(0, perm[i : i + self.batch_size])
+                        b = xb.shape[0]
+                        k = torch.randint(0, self.T, (b,), generator=gen_dev, device=self.device)
+                        noise = torch.randn(xb.shape, generator=gen_dev, device=self.device)
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                            loss = self.diffusion.loss(raw, xb, k, noise)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        # EMA with a warm-up (decay (1+s)/(10+s) early on) so short runs are not dominated by
+                        # the random initial weights.
+                        decay = min(self.ema_decay, (1.0 + step) / (10.0 + step))
+                        with torch.no_grad():
+                            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+                        loss_sum += loss.detach() * b
+                        step += 1
+                        if bar is not None:
+                            bar.update(1)
+                    mean_loss = float(loss_sum) / n
+                    if not math.isfinite(mean_loss):
+                        raise DLSRError(
+                            f"LFDN training diverged (loss {mean_loss} in epoch {epoch + 1}); lower lr (now {lr:g})"
+                        )
+                    history.append(mean_loss)
+                    if bar is not None:
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4g}")
+        finally:
+            if bar is not None:
+                bar.close()
+        self._raw, self.model = raw.eval(), ema
+        self.history = (self.history if warm_start else []) + history
+
+    # -- scoring -----------------------------------------------------------------------------------------
+
+    def noise_bank(self, t: int, ddim_steps: int, n_draws: int | None = None) -> Tensor:
+        """The fixed noise of the scorer: (K, n_noise, D), drawn once from the seed, the same for every image.
+
+        Noise shared by all images (rather than drawn per call, or per batch) is what makes a score a function of
+        the image alone: independent of batch size and batch composition, and reproducible across calls.
+        """
+        if self.dim is None:
+            raise NotFittedError("the noise bank needs the feature width: call fit() first")
+        k = self.n_draws if n_draws is None else int(n_draws)
+        need = self.diffusion.n_noise(t, ddim_steps, self.eta)
+        gen = torch.Generator().manual_seed(self.seed + 7919 * t + 104_729 * ddim_steps)
+        bank = torch.randn((k, need, self.dim), generator=gen, dtype=torch.float32)
+        return bank.to(self.device)
+
+    def _settings(self, t: int | None, ddim_steps: int | None) -> tuple[int, int]:
+        t = self.t if t is None else int(t)
+        steps = ddim_steps if ddim_steps is not None else (self.ddim_steps if t == self.t else None)
+        steps = t if steps is None else min(int(steps), t)
+        self._check_t(t, steps, self.T)
+        return t, steps
+
+    @torch.no_grad()
+    def reconstruct(self, z0: Tensor, *, t: int | None = None, ddim_steps: int | None = None,
+                    draw: int = 0) -> Tensor:
+        """Noise (N, D) features to level t and reconstruct them with DDIM using noise draw `draw` of the bank."""
+        self._require_fitted()
+        assert self.model is not None
+        t, steps = self._settings(t, ddim_steps)
+        bank = self.noise_bank(t, steps, n_draws=max(self.n_draws, draw + 1))[draw]
+        amp = self.device.type == "cuda" and self.score_amp
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            return self.diffusion.reconstruct(self.model, z0, t, steps, self.eta, bank).float()
+
+    @torch.no_grad()
+    def _score_tensor(self, x: Tensor, *, score: str | None = None, t: int | None = None,
+                      ddim_steps: int | None = None) -> Tensor:
+        return self._score_many(x, (score or self.score_name,), t=t, ddim_steps=ddim_steps)[score or self.score_name]
+
+    @torch.no_grad()
+    def _score_many(self, x: Tensor, names: Sequence[str], *, t: int | None, ddim_steps: int | None
+                    ) -> dict[str, Tensor]:
+        assert self.boundaries is not None
+        for name in names:
+            check_score_name(name, self.boundaries)
+        out = {name: torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for name in names}
+        for draw in range(self.n_draws):
+            rec = self.reconstruct(x, t=t, ddim_steps=ddim_steps, draw=draw)
+            for name in names:
+                out[name] += SCORES[name](x, rec, self.boundaries)
+        return {name: v / self.n_draws for name, v in out.items()}
+
+    def score_all(self, features: np.ndarray | None = None, *, images: Any = None,
+                  scores: Sequence[str] = ("mse", "mfsim5", "mfsim4"), t: int | None = None,
+                  ddim_steps: int | None = None, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Several scores from one reconstruction pass (benchmarks and ablations): name -> (N,) float64."""
+        self._require_fitted()
+        x = self._inputs(features, images, False, fitting=False)
+        bs = int(batch_size or self.score_batch_size)
+        out = {name: np.empty(x.shape[0], dtype=np.float64) for name in scores}
+        for i in range(0, x.shape[0], bs):
+            part = self._score_many(x[i : i + bs], tuple(scores), t=t, ddim_steps=ddim_steps)
+            for name, v in part.items():
+                out[name][i : i + bs] = v.cpu().numpy()
+        return out
+
+    # -- persistence -------------------------------------------------------------------------------------
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "score": self.score_name, "t": self.t, "ddim_steps": self.ddim_steps, "eta": self.eta,
+            "n_draws": self.n_draws, "n_blocks": self.n_blocks, "width": self.width, "hidden": self.hidden,
+            "temb_dim": self.temb_dim, "dropout": self.dropout, "T": self.T, "schedule": self.schedule,
+            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+            "weight_decay": self.weight_decay, "ema_decay": self.ema_decay, "warmup_steps": self.warmup_steps,
+            "seed": self.seed, "score_amp": self.score_amp, "score_batch_size": self.score_batch_size,
+            "encode_batch_size": self.encode_batch_size,
+        }
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        self._require_fitted()
+        assert self.model is not None
+        return {f"lfdn.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def _load_state(self, tensors: dict[str, Tensor]) -> None:
+        assert self.dim is not None
+        model = self._build(self.dim)
+        state = {k.removeprefix("lfdn."): v for k, v in tensors.items() if k.startswith("lfdn.")}
+        model.load_state_dict(state, strict=True)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self._raw = None
+
+
+def load_detector(path: str | Path, *, device: str | torch.device = "cpu",
+                  encoder: Encoder | None = None) -> BaseDetector:
+    """Load a detector saved with `save()`, verifying every file's sha256 (see dlsr.artifacts.load_detector)."""
+    from dlsr.artifacts import load_detector as _load
+
+    return _load(path, device=device, encoder=encoder)
