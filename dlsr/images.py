@@ -77,7 +77,9 @@ def _decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
         im.load()
     except OSError as exc:
         msg = str(exc)
-        reason = "truncated" if "truncat" in msg.lower() or "broken data stream" in msg.lower() else "not_an_image"
+        reason = (
+            "truncated" if "truncat" in msg.lower() or "broken data stream" in msg.lower() else "not_an_image"
+        )
         raise ImageDecodeError(reason, msg) from exc
     except (SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("truncated", str(exc)) from exc

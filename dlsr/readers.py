@@ -18,7 +18,9 @@ from PIL import Image
 
 from dlsr.images import ImageDecodeError, decode_image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ def open_images(path: str | Path, *, limit: int | None = None, seed: int = 0) ->
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"image source {p} does not exist: pass a .zip, an image folder or a flat folder")
+        raise FileNotFoundError(
+            f"image source {p} does not exist: pass a .zip, an image folder or a flat folder"
+        )
     if p.is_file():
         if not zipfile.is_zipfile(p):
             raise ValueError(f"{p} is neither a folder nor a zip file")

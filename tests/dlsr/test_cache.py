@@ -54,7 +54,11 @@ def test_cache_hit_avoids_reencoding(tmp_path, encoder):
 
 
 def test_corrupt_items_skipped_and_named(tmp_path, encoder):
-    good = list(array_images(np.zeros((2, 32, 32, 3), dtype=np.uint8) + np.arange(2)[:, None, None, None].astype(np.uint8)))
+    good = list(
+        array_images(
+            np.zeros((2, 32, 32, 3), dtype=np.uint8) + np.arange(2)[:, None, None, None].astype(np.uint8)
+        )
+    )
     items = [good[0], ImageItem("bad.jpg", b"\xff\xd8 broken"), good[1], ImageItem("empty.png", b"")]
     res = FeatureCache(tmp_path).extract(encoder, items, progress=False)
     assert res.names == [good[0].name, good[1].name] and res.features.shape == (2, encoder.dim)

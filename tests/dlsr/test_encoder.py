@@ -34,7 +34,9 @@ def test_lite0_shapes_and_boundaries(lite0):
     assert x.shape == (3, 3, 64, 64) and x.dtype == torch.float32
     f = lite0.encode(_images(3))
     assert f.shape == (3, 512) and f.dtype == np.float32
-    for a, b in zip(lite0.boundaries[:-1], lite0.boundaries[1:], strict=True):  # each stage z-scored per sample
+    for a, b in zip(
+        lite0.boundaries[:-1], lite0.boundaries[1:], strict=True
+    ):  # each stage z-scored per sample
         np.testing.assert_allclose(f[:, a:b].mean(1), 0, atol=1e-4)
         np.testing.assert_allclose(f[:, a:b].std(1), 1, atol=1e-3)
 

@@ -48,7 +48,9 @@ def test_pixel_limit_is_checked_from_the_header():
 
 def test_not_an_image_and_truncated():
     assert _reason(b"hello, this is text, not pixels") == "not_an_image"
-    data = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    data = _encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG"
+    )
     assert _reason(data[: len(data) // 2]) == "truncated"
 
 
@@ -116,4 +118,11 @@ def test_garbage_raises_only_image_decode_error():
         except ImageDecodeError as exc:
             outcomes.add(exc.reason)
     assert "not_an_image" in outcomes
-    assert outcomes <= {"RGB", "not_an_image", "truncated", "decode_failed", "too_many_pixels", "unsupported_mode"}
+    assert outcomes <= {
+        "RGB",
+        "not_an_image",
+        "truncated",
+        "decode_failed",
+        "too_many_pixels",
+        "unsupported_mode",
+    }

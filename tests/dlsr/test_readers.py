@@ -29,7 +29,9 @@ FILES = {
 def _check(image_set, prefix: str = "") -> None:
     items = list(image_set)
     assert len(image_set) == 4
-    assert [it.name for it in items] == sorted(prefix + k.split("/")[-1] if prefix == "flat" else k for k in FILES)
+    assert [it.name for it in items] == sorted(
+        prefix + k.split("/")[-1] if prefix == "flat" else k for k in FILES
+    )
     images, names, failures = decode_items(items)
     assert len(images) == 3 and all(im.mode == "RGB" for im in images)
     assert [f.name.endswith("broken.jpg") for f in failures] == [True]
