@@ -73,7 +73,10 @@ def _fallback_digest(path: Path) -> str:
 
 
 def artifact_digest(path: str | Path) -> str:
-    """Content digest of a saved detector directory (the store key and the registry's sha256)."""
+    """Content digest of a saved detector directory (the store key and the registry's sha256).
+
+    dlsr's digest is the sha256 of the manifest, which pins every file's sha256; `verify_artifact` checks those.
+    """
     path = Path(path)
     if not path.is_dir():
         raise RegistryError(f"artifact {path} is not a directory: pass the folder written by detector.save()")
@@ -81,7 +84,29 @@ def artifact_digest(path: str | Path) -> str:
         from dlsr.artifacts import artifact_digest as dlsr_digest
     except ImportError:
         return _fallback_digest(path)
-    return str(dlsr_digest(path))
+    try:
+        return str(dlsr_digest(path))
+    except Exception as exc:  # dlsr.exceptions.ArtifactError: no manifest
+        raise RegistryError(f"artifact {path} is not a saved detector: {exc}") from exc
+
+
+def verify_artifact(path: str | Path, sha256: str) -> None:
+    """Raise RegistryError unless the directory's digest is `sha256` and every file matches its manifest."""
+    path = Path(path)
+    digest = artifact_digest(path)
+    if digest != sha256:
+        raise RegistryError(
+            f"artifact at {path} fails its checksum (sha256 {digest[:12]}… != registered {sha256[:12]}…): "
+            "it was altered or is incomplete"
+        )
+    try:
+        from dlsr.artifacts import read_manifest
+    except ImportError:
+        return  # the fallback digest already covers every file's bytes
+    try:
+        read_manifest(path)
+    except Exception as exc:  # ArtifactError: a file differs from its manifest sha256
+        raise RegistryError(f"artifact at {path} fails its checksum: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -413,10 +438,8 @@ class Registry:
                 f"artifact of {entry.version} not found at {path}: is the store volume mounted at "
                 f"the configured path (model.artifact_store)?"
             )
-        digest = artifact_digest(path)
-        if digest != entry.sha256:
-            raise RegistryError(
-                f"artifact of {entry.version} at {path} fails its checksum "
-                f"(sha256 {digest[:12]}… != registered {entry.sha256[:12]}…): it was altered or is incomplete"
-            )
+        try:
+            verify_artifact(path, entry.sha256)
+        except RegistryError as exc:
+            raise RegistryError(f"{entry.version}: {exc}") from exc
         return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 import uuid
@@ -28,15 +30,22 @@ def rkeys():
 
 
 def make_artifact(root: Path, name: str, payload: bytes) -> Path:
+    """A minimal saved-detector directory: weights plus a manifest pinning their sha256 (dlsr's layout)."""
     d = root / name
     d.mkdir(parents=True)
-    (d / "weights.bin").write_bytes(payload)
+    (d / "weights.safetensors").write_bytes(payload)
+    manifest = {
+        "format_version": 1,
+        "name": name,
+        "files": {"weights.safetensors": hashlib.sha256(payload).hexdigest()},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
     return d
 
 
 def fake_load(path: Path) -> bytes:
     """Stands in for load_detector: the 'detector' is the weights' bytes."""
-    return (path / "weights.bin").read_bytes()
+    return (path / "weights.safetensors").read_bytes()
 
 
 class Events:
@@ -108,7 +117,7 @@ def test_flipped_byte_keeps_old_model_and_reports_once(setup, caplog):
     w = ModelWatcher(client, keys, store, fake_load, events, poll_s=0.02, retry_s=0.05)
     assert w.poll_once() and w.current().version == "v1"
     e2 = reg.register(make_artifact(tmp, "b", b"two"), threshold=2, alpha=0.01)
-    wfile = reg.artifact_path(e2) / "weights.bin"
+    wfile = reg.artifact_path(e2) / "weights.safetensors"
     wfile.write_bytes(b"twX")  # flip: same length, different byte
     reg.promote(e2.version)
     with caplog.at_level("ERROR", logger="monitor.hotswap"):

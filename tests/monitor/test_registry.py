@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
@@ -33,10 +34,16 @@ def rkeys():
 
 
 def make_artifact(root: Path, name: str, payload: bytes) -> Path:
+    """A minimal saved-detector directory: weights plus a manifest pinning their sha256 (dlsr's layout)."""
     d = root / name
     d.mkdir(parents=True)
-    (d / "weights.bin").write_bytes(payload)
-    (d / "config.json").write_text(json.dumps({"name": name}))
+    (d / "weights.safetensors").write_bytes(payload)
+    manifest = {
+        "format_version": 1,
+        "name": name,
+        "files": {"weights.safetensors": hashlib.sha256(payload).hexdigest()},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
     return d
 
 
@@ -54,7 +61,7 @@ def test_publish_stores_by_digest_and_moves_pointer(reg, tmp_path):
     )
     assert e1.version == "v1"
     assert e1.sha256 == digest
-    assert (reg.store_root / digest / "weights.bin").read_bytes() == b"one"
+    assert (reg.store_root / digest / "weights.safetensors").read_bytes() == b"one"
     assert reg.current_version() == "v1"
     got = reg.entry("v1")
     assert got.threshold == 1.5 and got.alpha == 0.01
@@ -147,13 +154,13 @@ def test_unknown_version_and_missing_artifact(reg, tmp_path):
 def test_same_content_stored_once_and_flipped_byte_fails_verify(reg, tmp_path):
     a = make_artifact(tmp_path, "a", b"same")
     b = make_artifact(tmp_path, "b", b"same")
-    (b / "config.json").write_text((a / "config.json").read_text())
+    (b / "manifest.json").write_text((a / "manifest.json").read_text())
     d1, p1 = reg.store_artifact(a)
     d2, p2 = reg.store_artifact(b)
     assert d1 == d2 and p1 == p2
     assert [p.name for p in reg.store_root.iterdir()] == [d1]  # no temp dirs left behind
     e = reg.publish(a, threshold=1, alpha=0.01)
-    w = reg.artifact_path(e) / "weights.bin"
+    w = reg.artifact_path(e) / "weights.safetensors"
     data = bytearray(w.read_bytes())
     data[0] ^= 0xFF
     w.write_bytes(bytes(data))
@@ -165,4 +172,4 @@ def test_keep_rejected_moves_candidate_aside(reg, tmp_path):
     src = make_artifact(tmp_path, "cand", b"bad")
     kept = reg.keep_rejected(src, "job-1")
     assert kept == reg.store_root / "rejected" / "job-1"
-    assert (kept / "weights.bin").read_bytes() == b"bad" and not src.exists()
+    assert (kept / "weights.safetensors").read_bytes() == b"bad" and not src.exists()
