@@ -4,31 +4,48 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so pip takes the local wheels on the dev machines; elsewhere pip downloads them as usual.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
 
-.PHONY: venv install test test-fast demo lint bench-ood bench-quick clean
+.PHONY: venv install system-deps test test-fast demo lint settings-table bench-ood bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# The dashboard test drives the live view in tmux. Install it from Debian only when it is missing and we are
+# root (CI and the dev machines); elsewhere say how, and the test fails with the same advice.
+system-deps:
+	@command -v tmux >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing tmux (dashboard test)"; \
+	    (apt-get install -y -qq tmux >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq tmux >/dev/null)); \
+	  else echo "note: tmux is missing; install it (apt-get install tmux) for the dashboard test"; fi; }
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[dev,embedded]'
 	touch $@
 
-venv install: $(VENV)/.installed
+venv: $(BIN)/python
 
+install: $(VENV)/.installed system-deps
+
+# Starts what the tests need and is not running (Redis; the Tansu broker is started by the test fixtures).
 test: install
-	$(BIN)/python -m pytest -q
+	scripts/run_tests.sh $(BIN)/python $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration and not slow"
+	scripts/run_tests.sh $(BIN)/python -m "not integration and not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/dlsr demo
 
 lint: install
 	$(BIN)/ruff check .
+
+# Rewrites the settings table in README.md from config.Settings (tests/test_readme.py checks it is current).
+settings-table: install
+	$(BIN)/python scripts/settings_table.py --write README.md
 
 bench-quick: install
 	$(BIN)/dlsr bench ood --quick
