@@ -204,6 +204,42 @@ class TrainerSettings(BaseModel):
     min_new_vetted: int = Field(
         1000, ge=1, description="Refit as soon as this many new vetted images arrived"
     )
+    workdir: Path = Field(
+        Path("trainer-data"), description="Vetted image store shared by trainer processes (a volume in compose)"
+    )
+    group_id: str = Field("dlsr-trainer", description="Consumer group of the trainer on the vetted topic")
+    poll_s: float = Field(1.0, gt=0, description="Seconds between checks for vetted images, triggers and the timer")
+    lock_ttl_s: float = Field(
+        120.0, gt=0, description="Expiry of the one-job-at-a-time lock; the holder renews it every third of this"
+    )
+    holdout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of vetted images (by content hash) never fitted on: the gate data"
+    )
+    calibration_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="Share of vetted images (by content hash) used for the conformal threshold"
+    )
+    reference_size: int = Field(
+        500, ge=1, description="Fixed reference ID sample (first held-out images) for the score-shift gate"
+    )
+    fa_sigmas: float = Field(
+        3.0, gt=0, description="False-alarm gate: held-out flag rate <= alpha + this many binomial sigmas"
+    )
+    max_reference_shift: float = Field(
+        0.1, gt=0, le=1, description="Shift gate: largest change of the reference sample's mean p-value vs live"
+    )
+    reference_ood: Path | None = Field(
+        None, description="Optional folder/zip of known OOD images: AUROC gate against held-out vetted images"
+    )
+    min_auroc: float = Field(0.9, ge=0, le=1, description="AUROC gate bound (only with reference_ood)")
+    detector: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Extra DLSRDetector arguments, e.g. {"n_blocks": 8, "epochs": 30, "t": 5}',
+    )
+    refit_epochs: int | None = Field(
+        None, ge=1, description="Epochs of a warm-started refit (default: a fifth of the full epochs, at least 1)"
+    )
+    baseline_max: int = Field(5000, ge=1, description="Vetted scores seeded into the new model's baseline reservoir")
+    keep_jobs: int = Field(500, ge=1, description="Job records kept in Redis history")
 
 
 class DashboardSettings(BaseModel):
