@@ -1,0 +1,8 @@
+"""`python -m monitor`: the streaming monitor for containers (same as `dlsr monitor`)."""
+
+import sys
+
+from cli.main import main
+
+if __name__ == "__main__":
+    sys.exit(main(["monitor", *sys.argv[1:]]))

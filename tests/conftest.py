@@ -1,0 +1,149 @@
+"""Fixtures shared by every test package.
+
+Real servers, never mocks, for anything that talks to Kafka or Redis: a session-wide Tansu broker on a free
+port (fails when the binary is missing), the local Redis (127.0.0.1:6379 or DLSR_TEST_REDIS_URL; fails when
+unreachable), a unique key prefix and unique topic names per test (cleaned up afterwards), the shared data
+folder (../shared/data or DLSR_TEST_DATA), and a small real DLSR model fitted once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- servers --------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tansu() -> Iterator[str]:
+    """A Tansu broker (in-memory storage) for the whole session; yields its bootstrap address."""
+    from monitor.embedded import TansuBroker
+
+    try:
+        broker = TansuBroker().start()
+    except Exception as exc:  # missing binary or a broker that will not start: a failure, never a skip
+        pytest.fail(f"cannot start the Tansu broker: {exc}", pytrace=False)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the Redis the tests use (DLSR_TEST_REDIS_URL, default the local one); fails when unreachable."""
+    from monitor.embedded import redis_reachable
+
+    url = os.environ.get("DLSR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if not redis_reachable(url, 2.0):
+        pytest.fail(
+            f"Redis at {url} is unreachable: start redis-server or set DLSR_TEST_REDIS_URL", pytrace=False
+        )
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A `redis.Redis` client on the test Redis."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix no other test (or user) has."""
+    return f"dlsr-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def keys(prefix, redis_client):
+    """`monitor.keys.Keys` under the test's own prefix; every key under it is deleted afterwards."""
+    from monitor.keys import Keys
+
+    k = Keys(prefix)
+    try:
+        yield k
+    finally:
+        for name in redis_client.scan_iter(k.all_pattern(), count=1000):
+            redis_client.delete(name)
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Unique topic names for one test (the broker is in memory and dies with the session)."""
+
+    input: str
+    scores: str
+    alerts: str
+    dlq: str
+    vetted: str
+
+    def all(self) -> list[str]:
+        return [self.input, self.scores, self.alerts, self.dlq, self.vetted]
+
+
+@pytest.fixture
+def topics() -> TopicNames:
+    """Topic names unique to this test (created on first use, or with `create_topics`)."""
+    tag = uuid.uuid4().hex[:10]
+    return TopicNames(
+        input=f"images-{tag}",
+        scores=f"scores-{tag}",
+        alerts=f"alerts-{tag}",
+        dlq=f"dlq-{tag}",
+        vetted=f"vetted-{tag}",
+    )
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
+    """Create topics on the broker (existing ones are left alone)."""
+    from monitor.kafka_io import ensure_topics
+
+    ensure_topics(bootstrap, names, partitions=partitions)
+
+
+@pytest.fixture
+def test_settings(tansu, redis_url, prefix, topics, tmp_path):
+    """A full `config.Settings` wired to the test broker, Redis, prefix, topics and a tmp artifact store."""
+    from config import Settings
+
+    return Settings(
+        kafka={
+            "bootstrap_servers": tansu,
+            "input_topic": topics.input,
+            "scores_topic": topics.scores,
+            "alerts_topic": topics.alerts,
+            "dlq_topic": topics.dlq,
+            "vetted_topic": topics.vetted,
+            "group_id": f"group-{prefix}",
+            "connect_retries": 2,
+            "retry_backoff_s": 0.2,
+        },
+        redis={"url": redis_url, "prefix": prefix, "connect_retries": 2, "retry_backoff_s": 0.2},
+        model={"artifact_store": tmp_path / "artifacts", "input_size": 128, "device": "cpu"},
+    )
+
+
+# ---- data -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared image data (../shared/data, or DLSR_TEST_DATA); fails with the fix when missing."""
+    path = Path(os.environ.get("DLSR_TEST_DATA", ROOT.parent / "shared" / "data"))
+    if not (path / "cifar10" / "train.zip").is_file():
+        pytest.fail(
+            f"test data not found at {path} (need cifar10/train.zip, cifar10/test.zip, mnist/test.zip): "
+            "set DLSR_TEST_DATA to the folder of the shared data",
+            pytrace=False,
+        )
+    return path
