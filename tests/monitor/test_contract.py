@@ -1,0 +1,67 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from monitor.contract import (
+    DLQ_ERROR,
+    DLQ_ERROR_DETAIL,
+    SCHEMA_VERSION,
+    DriftAlert,
+    ModelAlert,
+    OodAlert,
+    ScoreRecord,
+    WindowStats,
+    dlq_headers,
+    parse_alert,
+    parse_input_meta,
+    parse_score,
+)
+
+
+def _meta(headers=None, key=None, ts_ms=1_700_000_000_123):
+    return parse_input_meta(topic="in", partition=2, offset=41, key=key, headers=headers, timestamp_ms=ts_ms)
+
+
+def test_defaults_image_id_source_and_ts():
+    m = _meta()
+    assert (m.image_id, m.source, m.ts) == ("in:2:41", "default", pytest.approx(1_700_000_000.123))
+    assert _meta(key=b"cam-7").source == "cam-7"
+
+
+def test_headers_win_and_ts_formats():
+    m = _meta([("image_id", b"abc"), ("source", b"gate"), ("ts", b"1700000000.5")], key=b"cam-7")
+    assert (m.image_id, m.source, m.ts) == ("abc", "gate", 1700000000.5)
+    assert _meta([("ts", b"1700000000500")]).ts == pytest.approx(1700000000.5)  # milliseconds
+    assert _meta([("ts", b"2023-11-14T22:13:20Z")]).ts == pytest.approx(1700000000.0)
+    assert _meta([("ts", b"yesterday")]).ts == pytest.approx(1_700_000_000.123)  # unreadable: Kafka time
+    assert _meta([("source", b"a:b*c")]).source == "a_b_c"  # no key-pattern characters in Redis keys
+    assert _meta([("source", b"\xff\xfe")]).source == "default"
+
+
+def test_score_record_round_trip_and_strictness():
+    rec = ScoreRecord(image_id="x", source="s", topic="in", partition=0, offset=1, ts=1.0, score=0.2,
+                      threshold=0.5, p_value=0.3, is_ood=False, model_version="1", latency_ms=3.0, instance="m")
+    assert parse_score(rec.to_bytes()) == rec
+    assert json.loads(rec.to_bytes())["schema_version"] == SCHEMA_VERSION
+    with pytest.raises(ValidationError):
+        parse_score(json.dumps({**rec.model_dump(), "extra": 1}))
+
+
+def test_alerts_are_discriminated_by_kind():
+    w = WindowStats(images=100, ood=30, rate=0.3, null_rate=0.02, p_value=1e-9, window_s=600, since=0, until=600)
+    items = [
+        OodAlert(alert_id="ood:x", source="s", image_id="x", topic="in", partition=0, offset=1, ts=1, score=0.9,
+                 threshold=0.5, p_value=0.01, model_version="1"),
+        DriftAlert(alert_id="drift:s:1", source="s", state="raised", seq=1, ts=600, window=w),
+        ModelAlert(alert_id="model:live:2:m", event="live", version="2", ts=5.0),
+    ]
+    assert [type(parse_alert(a.to_bytes())) for a in items] == [OodAlert, DriftAlert, ModelAlert]
+
+
+def test_dlq_headers_keep_originals_and_add_reason():
+    h = dlq_headers([("source", b"cam"), ("error", b"old")], reason="too_many_pixels", detail="9e9 px",
+                    origin="in:0:5", image_id="in:0:5")
+    d = dict(h)
+    assert d["source"] == b"cam" and d[DLQ_ERROR] == b"too_many_pixels" and d[DLQ_ERROR_DETAIL] == b"9e9 px"
+    assert [k for k, _ in h].count("error") == 1 and d["image_id"] == b"in:0:5"

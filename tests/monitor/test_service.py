@@ -1,0 +1,203 @@
+"""The batching loop on in-memory source/sink, the real Redis and the real image decoder; a tiny stand-in model
+(score = mean brightness) keeps it fast while exercising every path."""
+
+import io
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config.settings import MonitorSettings
+from monitor.batching import MemorySink, MemorySource, Message, SinkError
+from monitor.contract import DLQ_ERROR, parse_alert, parse_score
+from monitor.service import MonitorService, OutputTopics
+from monitor.state import MonitorState
+
+TOPICS = OutputTopics("scores", "alerts", "dlq")
+TS = 1_700_000_000_000  # ms
+
+
+class BrightnessEncoder:
+    def preprocess(self, images):
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).mean(-1) for im in images])
+
+
+class BrightnessDetector:
+    """Score = mean pixel value; dark images are 'ID', bright ones 'OOD'."""
+
+    def __init__(self):
+        self.encoder = BrightnessEncoder()
+        self.calibration_scores = np.linspace(0.0, 0.3, 100)
+        self.calls = []
+
+    def score_pixels(self, x):
+        self.calls.append(len(x))
+        return x.reshape(len(x), -1).mean(1).numpy()
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _stream(spec, topic="in"):
+    """spec: list of (partition, kind, source) with kind in dark/bright/corrupt."""
+    offsets: dict[int, int] = {}
+    out = []
+    for p, kind, source in spec:
+        off = offsets.get(p, 0)
+        offsets[p] = off + 1
+        value = {"dark": _png(20), "bright": _png(240), "corrupt": b"\x89PNG not really"}[kind]
+        out.append(Message(topic, p, off, value, key=source.encode(), timestamp_ms=TS + len(out)))
+    return out
+
+
+@pytest.fixture
+def make_service(redis_client, keys):
+    created = []
+
+    def make(source, sink=None, detector=None, **cfg):
+        settings = MonitorSettings(
+            instance_id="t1", batch_max=16, batch_wait_ms=5, drift_min_images=20, **cfg
+        )
+        det = detector or BrightnessDetector()
+        handle = SimpleNamespace(version="7", detector=det, threshold=0.5, alpha=0.01)
+        state = MonitorState.from_settings(redis_client, keys, settings)
+        svc = MonitorService(
+            source=source,
+            sink=sink or MemorySink(),
+            state=state,
+            current_model=lambda: handle,
+            monitor=settings,
+            topics=TOPICS,
+            group="g",
+        )
+        created.append(svc)
+        return svc
+
+    yield make
+    for svc in created:
+        svc._pool.shutdown()
+        svc._prep.shutdown()
+
+
+def test_scores_dead_letters_and_ood_alerts(make_service):
+    spec = [(i % 2, "dark", "camA") for i in range(40)] + [(0, "bright", "camA")] * 3 + [(1, "corrupt", "camA")] * 4
+    src, sink = MemorySource(_stream(spec)), MemorySink()
+    svc = make_service(src, sink)
+    stats = svc.run(threading.Event(), until_idle=True)
+    scores = [parse_score(r.value) for r in sink.on("scores")]
+    assert len(scores) == 43 and stats.scored == 43 and stats.dead == 4
+    assert sum(s.is_ood for s in scores) == 3
+    assert all(s.model_version == "7" and s.threshold == 0.5 for s in scores)
+    assert {s.image_id for s in scores} == {f"in:{s.partition}:{s.offset}" for s in scores}
+    dead = sink.on("dlq")
+    assert len(dead) == 4 and all(d.value == b"\x89PNG not really" for d in dead)
+    assert all(dict(d.headers)[DLQ_ERROR] for d in dead)
+    ood = [parse_alert(r.value) for r in sink.on("alerts")]
+    assert [a.kind for a in ood] == ["ood"] * 3 and all(a.alert_id.startswith("ood:in:0:") for a in ood)
+    # Every input accounted for; offsets committed past the last message of each partition.
+    assert len(scores) + len(dead) == len(spec)
+    assert src.committed == {("in", 0): 23, ("in", 1): 24}
+    t = svc.state.window_totals("camA")
+    assert (t["images"], t["ood"], t["dead"]) == (43, 3, 4)
+    assert svc.state.read_heartbeats()[0]["instance"] == "t1"  # a heartbeat was written
+
+
+def test_batches_respect_the_size_cap(make_service):
+    det = BrightnessDetector()
+    svc = make_service(MemorySource(_stream([(0, "dark", "a")] * 50)), detector=det)
+    svc.run(threading.Event(), until_idle=True)
+    assert max(det.calls) <= 16 and sum(det.calls) == 50
+
+
+def test_drift_alert_for_the_source_that_turned_ood(make_service):
+    spec = [(0, "dark", "camA")] * 60 + [(1, "bright", "camB")] * 30 + [(0, "dark", "camA")] * 20
+    sink = MemorySink()
+    svc = make_service(MemorySource(_stream(spec)), sink, ood_alerts=False)
+    svc.run(threading.Event(), until_idle=True)
+    alerts = [parse_alert(r.value) for r in sink.on("alerts")]
+    drift = [a for a in alerts if a.kind == "drift"]
+    assert [(a.source, a.state) for a in drift] == [("camB", "raised")]
+    assert svc.state.read_drift("camA")["state"] == "ok"
+
+
+def test_failed_produce_is_not_committed_and_replay_counts_once(make_service):
+    msgs = _stream([(0, "dark", "camA")] * 20 + [(0, "bright", "camA")] * 4)
+    src = MemorySource(msgs)
+    svc = make_service(src, MemorySink(fail_next_flush=True))
+    with pytest.raises(SinkError):
+        svc.run(threading.Event(), until_idle=True)
+    assert src.committed == {}  # Redis effects of batch 1 applied, but nothing committed
+    assert svc.state.window_totals("camA")["images"] == 16
+    # Restart: everything is redelivered; Redis counts each message once, every message gets a record.
+    src.rewind_to_committed()
+    sink2 = MemorySink()
+    stats = make_service(src, sink2).run(threading.Event(), until_idle=True)
+    assert len(sink2.on("scores")) == 24 and stats.replayed == 16
+    assert svc.state.window_totals("camA")["images"] == 24
+    assert src.committed == {("in", 0): 24}
+
+
+def test_two_replicas_share_state_like_one(make_service, redis_client):
+    spec = [(i % 4, "bright" if i % 5 == 0 else "dark", f"cam{i % 3}") for i in range(120)]
+    msgs = _stream(spec)
+    a_src = MemorySource([m for m in msgs if m.partition in (0, 1)])
+    b_src = MemorySource([m for m in msgs if m.partition in (2, 3)])
+    a, b = make_service(a_src), make_service(b_src)
+    ta = threading.Thread(target=a.run, args=(threading.Event(),), kwargs={"until_idle": True})
+    ta.start()
+    b.run(threading.Event(), until_idle=True)
+    ta.join(30)
+    for cam in ("cam0", "cam1", "cam2"):
+        expected = [s for s in spec if s[2] == cam]
+        t = a.state.window_totals(cam)
+        assert t["images"] == len(expected)
+        assert t["ood"] == sum(k == "bright" for _, k, _ in expected)
+
+
+def test_nan_score_is_a_dead_letter(make_service):
+    class NanDetector(BrightnessDetector):
+        def score_pixels(self, x):
+            s = super().score_pixels(x)
+            s[0] = np.nan
+            return s
+
+    sink = MemorySink()
+    make_service(MemorySource(_stream([(0, "dark", "a")] * 3)), sink, detector=NanDetector()).run(
+        threading.Event(), until_idle=True
+    )
+    assert len(sink.on("scores")) == 2
+    assert dict(sink.on("dlq")[0].headers)[DLQ_ERROR] == b"score_not_finite"
+
+
+def test_stop_finishes_the_batch_in_flight(make_service):
+    src = MemorySource(_stream([(0, "dark", "a")] * 40))
+    sink = MemorySink()
+    svc = make_service(src, sink)
+    stop = threading.Event()
+    real_process = svc._process
+
+    def process_then_stop(prep):
+        real_process(prep)
+        stop.set()  # a SIGTERM arrives while batch 2 is being prepared
+
+    svc._process = process_then_stop
+    svc.run(stop)
+    n = len(sink.on("scores"))
+    assert n == 32 and src.committed == {("in", 0): 32}  # both polled batches finished, no more polled
+
+
+def test_model_events_become_model_alerts(make_service):
+    sink = MemorySink()
+    svc = make_service(MemorySource(_stream([(0, "dark", "a")] * 2)), sink)
+    svc.on_model_event(SimpleNamespace(kind="load_failed", version="9", message="sha256 mismatch",
+                                       active_version="7", at=1.0))
+    svc.run(threading.Event(), until_idle=True)
+    alert = parse_alert(sink.on("alerts")[0].value)
+    assert (alert.kind, alert.event, alert.version, alert.previous_version) == ("model", "load_failed", "9", "7")
+    assert "sha256" in alert.reason
