@@ -221,55 +221,53 @@ def ingest_path(
     return {"read": len(good) + len(bad), "added": added, "duplicates": dup, "bad": bad}
 
 
-class VettedConsumer:
-    """Reads `dlsr.vetted` (same contract as the input topic: image bytes + optional headers) into the store.
+class VettedIntake:
+    """Moves `dlsr.vetted` messages (image bytes + optional headers, the input topic's contract) into the store.
 
-    Offsets are committed only after the images are stored, so a crash re-reads (and dedups) rather than loses.
+    `source` is any monitor.batching Source (poll / commit / close): KafkaSource in production, a list in tests.
+    Offsets are committed only after the images are stored, so a crash re-reads (and dedups), never loses.
     Undecodable messages are logged and skipped (counted in `rejected`).
     """
 
-    def __init__(self, kafka: Any, store: VettedStore, group_id: str = "dlsr-trainer") -> None:
-        from kafka import KafkaConsumer
-
+    def __init__(self, source: Any, store: VettedStore) -> None:
+        self.source = source
         self.store = store
-        self.topic = kafka.vetted_topic
-        self.consumer = KafkaConsumer(
-            self.topic,
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            **kafka.client_kwargs(),
-        )
         self.rejected = 0
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[bytes]:
-        """One poll; returns the bytes of the newly stored images (for baseline scoring)."""
+        """One poll; returns the bytes of images that were new to the store (for baseline scoring)."""
         from dlsr.images import ImageDecodeError, decode_image
 
-        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        good: list[tuple[bytes, str]] = []
-        for tp, records in batches.items():
-            for rec in records:
-                data = rec.value or b""
-                source = ""
-                for k, v in rec.headers or []:
-                    if k == "source" and v:
-                        source = v.decode("utf-8", "replace")
-                try:
-                    decode_image(data)
-                except ImageDecodeError as exc:
-                    self.rejected += 1
-                    log.warning("vetted %s:%d:%d refused: %s", tp.topic, tp.partition, rec.offset, exc.reason)
-                    continue
-                good.append((data, source))
-        if not batches:
+        msgs = self.source.poll(max_records, timeout_s)
+        if not msgs:
             return []
-        before = {hashlib.sha256(d).hexdigest() for d, _ in good}
+        good: list[tuple[bytes, str]] = []
+        commit: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            tp = (m.topic, m.partition)
+            commit[tp] = max(commit.get(tp, 0), m.offset + 1)
+            data = m.value or b""
+            source = ""
+            for k, v in m.headers or []:
+                if k == "source" and v:
+                    source = v.decode("utf-8", "replace")
+            try:
+                decode_image(data)
+            except ImageDecodeError as exc:
+                self.rejected += 1
+                log.warning("vetted %s:%d:%d refused: %s", m.topic, m.partition, m.offset, exc.reason)
+                continue
+            good.append((data, source))
         known = {e.sha for e in self.store.entries()}
-        added, _ = self.store.add_many(good)
-        self.consumer.commit()
-        new_shas = before - known
-        return [d for d, _ in good if hashlib.sha256(d).hexdigest() in new_shas][: max(added, 0)]
+        self.store.add_many(good)
+        self.source.commit(commit)
+        fresh: list[bytes] = []
+        for data, _ in good:
+            sha = hashlib.sha256(data).hexdigest()
+            if sha not in known:
+                known.add(sha)
+                fresh.append(data)
+        return fresh
 
     def close(self) -> None:
-        self.consumer.close()
+        self.source.close()

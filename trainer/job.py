@@ -196,6 +196,11 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
             log.warning(
                 "job %s: live model %s does not load (%s); fitting cold", rec.job_id, current.version, exc
             )
+    # The live model's view of the reference sample, taken before a warm start trains those very weights on.
+    old_ref = old_cal = None
+    if old is not None and len(split.reference) and getattr(old, "calibration_scores", None) is not None:
+        old_ref = np.asarray(old.score(rows(split.reference)), dtype=np.float64)
+        old_cal = np.array(old.calibration_scores, dtype=np.float64)
     warm = old if (old is not None and ctx.ops.can_warm_start(old)) else None
     rec.data_sizes["warm_start"] = int(warm is not None)
     t = _timed(rec, "load_live_s", t)
@@ -214,10 +219,6 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
         threshold = float(det.threshold)
     else:
         threshold = float("nan")  # the finite gate fails below; calibrating on NaN would only raise here
-    old_ref = old_cal = None
-    if old is not None and len(split.reference):
-        old_ref = np.asarray(old.score(rows(split.reference)), dtype=np.float64)
-        old_cal = np.asarray(getattr(old, "calibration_scores", None), dtype=np.float64)
     ood_scores = None
     if cfg.reference_ood is not None:
         from dlsr.readers import open_images

@@ -1,0 +1,246 @@
+"""The trainer service (`dlsr trainer run`): vetted intake, baseline feeding, and jobs on a schedule or trigger.
+
+A job runs when any of these holds, checked every `poll_s`:
+- manual: `dlsr trainer trigger` left a request in Redis;
+- new_vetted: at least `min_new_vetted` vetted images arrived since the last job;
+- schedule: `interval_s` passed since the last job started (and there is vetted data).
+Only the trainer holding the Redis lock runs it; the others keep taking in vetted data. Between jobs, newly vetted
+images are scored by the live model and fed to its baseline reservoir, so thresholds follow vetted data only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.hotswap import ModelWatcher
+from monitor.keys import Keys
+from monitor.registry import Registry
+from trainer.history import JobHistory, JobRecord
+from trainer.intake import VettedIntake, VettedStore
+from trainer.job import JobConfig, JobContext, run_job
+from trainer.lock import JobLock
+
+log = logging.getLogger(__name__)
+
+MANUAL = "manual"
+NEW_VETTED = "new_vetted"
+SCHEDULE = "schedule"
+
+
+def request_run(redis: Any, keys: Keys, by: str = "cli") -> None:
+    """Ask the trainer service for a job now (what `dlsr trainer trigger` does)."""
+    redis.set(keys.trainer_trigger(), json.dumps({"by": by, "at": time.time()}))
+
+
+def job_config(trainer: Any, alpha: float) -> JobConfig:
+    """JobConfig from `config.TrainerSettings` and the model's alpha."""
+    return JobConfig(
+        alpha=alpha,
+        holdout_fraction=trainer.holdout_fraction,
+        calibration_fraction=trainer.calibration_fraction,
+        reference_size=trainer.reference_size,
+        fa_sigmas=trainer.fa_sigmas,
+        max_reference_shift=trainer.max_reference_shift,
+        min_auroc=trainer.min_auroc,
+        baseline_max=trainer.baseline_max,
+        reference_ood=trainer.reference_ood,
+    )
+
+
+@dataclass
+class TrainerService:
+    """One trainer process. Every collaborator is passed in; `build_service` wires them from settings."""
+
+    ctx: JobContext
+    interval_s: float
+    min_new_vetted: int
+    lock_ttl_s: float = 120.0
+    intake: VettedIntake | None = None
+    baseline: Callable[[str, np.ndarray], Any] | None = None  # (version, scores): live-model reservoir
+    progress: bool = True
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    watcher: ModelWatcher | None = None
+
+    @property
+    def keys(self) -> Keys:
+        return self.ctx.keys
+
+    @property
+    def redis(self) -> Any:
+        return self.ctx.redis
+
+    # ---- decisions --------------------------------------------------------------------------------
+    def new_vetted(self) -> int:
+        return int(self.redis.get(self.keys.vetted_new()) or 0)
+
+    def due(self, now: float | None = None) -> str | None:
+        """Why a job should run now (MANUAL, NEW_VETTED, SCHEDULE), or None."""
+        if self.redis.exists(self.keys.trainer_trigger()):
+            return MANUAL
+        if self.new_vetted() >= self.min_new_vetted:
+            return NEW_VETTED
+        assert self.ctx.history is not None
+        last = self.ctx.history.last_start()
+        now = time.time() if now is None else now
+        if (last is None or now - last >= self.interval_s) and len(self.ctx.store) > 0:
+            return SCHEDULE
+        return None
+
+    # ---- one job under the lock -------------------------------------------------------------------
+    def run_once(self, trigger: str) -> JobRecord | None:
+        """Run one job if no other trainer is running one; None when the lock is held elsewhere."""
+        lock = JobLock(self.redis, self.keys.trainer_lock(), ttl_s=self.lock_ttl_s, owner=self.owner)
+        if not lock.acquire():
+            log.info("a job is already running (%s); not starting another", lock.holder())
+            return None
+        try:
+            # Consume the requests this job answers, under the lock, so a second trainer cannot answer them too.
+            self.redis.delete(self.keys.trainer_trigger())
+            taken = self.new_vetted()
+            rec = run_job(self.ctx, trigger, lock=lock, progress=self.progress)
+            if taken:
+                self.redis.decrby(self.keys.vetted_new(), taken)  # arrivals during the job count for the next
+            return rec
+        finally:
+            lock.release()
+
+    # ---- the service loop -------------------------------------------------------------------------
+    def take_in(self, timeout_s: float) -> int:
+        """Read vetted messages; count them; score the new ones with the live model for its reservoir."""
+        if self.intake is None:
+            time.sleep(timeout_s)
+            return 0
+        fresh = self.intake.poll(timeout_s)
+        if not fresh:
+            return 0
+        self.redis.incrby(self.keys.vetted_new(), len(fresh))
+        self._feed_baseline(fresh)
+        return len(fresh)
+
+    def _feed_baseline(self, images: list[bytes]) -> None:
+        if self.baseline is None or self.watcher is None:
+            return
+        try:
+            self.watcher.poll_once()
+            handle = self.watcher.current()
+            if handle is None:
+                return
+            from dlsr.readers import ImageItem
+
+            feats = self.ctx.ops.features(
+                [ImageItem(name=str(i), data=d) for i, d in enumerate(images)], progress=False
+            )
+            scores = np.asarray(handle.detector.score(feats), dtype=np.float64)
+            self.baseline(handle.version, scores)
+        except (
+            Exception
+        ) as exc:  # the reservoir is an optimisation of thresholds, never a reason to stop intake
+            log.warning("baseline update skipped: %s", exc)
+
+    def step(self, timeout_s: float = 1.0) -> JobRecord | None:
+        """One loop iteration: intake, then a job if one is due."""
+        self.take_in(timeout_s)
+        reason = self.due()
+        return self.run_once(reason) if reason else None
+
+    def serve(self, stop: threading.Event, poll_s: float = 1.0) -> None:
+        """Run until `stop` is set (SIGTERM/SIGINT in the CLI)."""
+        log.info(
+            "trainer %s: refit every %.0f s or after %d new vetted images; store %s",
+            self.owner,
+            self.interval_s,
+            self.min_new_vetted,
+            self.ctx.store.root,
+        )
+        while not stop.is_set():
+            try:
+                rec = self.step(poll_s)
+                if rec is not None:
+                    log.info("job %s %s: %s", rec.job_id, rec.outcome, rec.message)
+            except Exception as exc:  # Redis or Kafka hiccup: log, wait, go on
+                log.error("trainer loop error (%s: %s); retrying in %.0f s", type(exc).__name__, exc, poll_s)
+                stop.wait(poll_s)
+
+
+def build_service(
+    settings: Any, *, intake: bool = True, progress: bool = True, ops: Any | None = None
+) -> TrainerService:
+    """Wire a TrainerService from `config.Settings` (Redis, registry, store, dlsr ops, Kafka intake and alerts).
+
+    Raises StartupError when Redis or Kafka is unreachable after the configured retries.
+    """
+    from monitor.service import connect_redis
+    from monitor.state import MonitorState
+    from trainer.ops import DlsrOps
+
+    tr, model = settings.trainer, settings.model
+    redis = connect_redis(settings.redis)
+    keys = Keys(settings.redis.prefix)
+    registry = Registry(redis, keys, model.artifact_store)
+    store = VettedStore(tr.workdir)
+    ops = ops or DlsrOps(model, tr.detector, tr.refit_epochs)
+    state = MonitorState(redis, keys, baseline_max=tr.baseline_max)
+    alpha = model.alpha
+    on_alert = None
+    source = None
+    if intake:
+        import functools
+
+        from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
+
+        kafka = settings.kafka
+        retry = functools.partial(
+            with_retries,
+            what="Kafka",
+            where=kafka.bootstrap_servers,
+            retries=kafka.connect_retries,
+            backoff_s=kafka.retry_backoff_s,
+            fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
+        )
+        retry(
+            lambda: ensure_topics(
+                kafka, [kafka.vetted_topic, kafka.alerts_topic], partitions=kafka.topic_partitions
+            )
+        )
+        sink = retry(lambda: KafkaSink(kafka))
+        source = retry(lambda: KafkaSource(kafka, kafka.vetted_topic, tr.group_id))
+
+        def on_alert(alert: Any) -> None:
+            from monitor.contract import alert_to_json
+
+            sink.send(kafka.alerts_topic, alert.source.encode(), alert.to_bytes())
+            sink.flush(30.0)
+            state.push_alert(alert_to_json(alert))
+
+    ctx = JobContext(
+        redis=redis,
+        keys=keys,
+        registry=registry,
+        store=store,
+        ops=ops,
+        config=job_config(tr, alpha),
+        history=JobHistory(redis, keys, keep=tr.keep_jobs),
+        on_alert=on_alert,
+        add_baseline=lambda v, s: state.add_baseline_scores(v, s, alpha),
+    )
+    watcher = ModelWatcher(redis, keys, model.artifact_store, ops.load, poll_s=tr.poll_s)
+    return TrainerService(
+        ctx=ctx,
+        interval_s=tr.interval_s,
+        min_new_vetted=tr.min_new_vetted,
+        lock_ttl_s=tr.lock_ttl_s,
+        intake=VettedIntake(source, store) if source is not None else None,
+        baseline=lambda v, s: state.add_baseline_scores(v, s, alpha),
+        progress=progress,
+        watcher=watcher,
+    )
