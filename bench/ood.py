@@ -1,0 +1,312 @@
+"""`dlsr bench ood`: CIFAR-10 (ID) against every other set in the data folder, DLSR vs kNN vs Mahalanobis.
+
+Protocol (METHOD.md section 6): fit on CIFAR-10 train, calibrate on a held-out part of train (conformal
+threshold at --alpha), evaluate CIFAR-10 test as ID against each OOD set's test.zip. Every method sees the same
+cached encoder features. Each seed re-draws the fit/calibration split, the LFDN initialisation, the training
+order and the scoring noise. Prints a markdown table (percentages, mean ± std over seeds) and images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from bench import common
+
+# Chosen on the validation split (bench/validate.py: held-out CIFAR-10 classes and code-made corruptions of
+# held-out train images as OOD), never on the test OOD sets. See bench/results/validation.md.
+DEFAULT_EPOCHS = 30
+DEFAULT_BLOCKS = 16
+DEFAULT_T = 5
+
+QUICK = {"train_size": 4000, "cal_size": 1000, "id_size": 2000, "ood_size": 2000, "epochs": 10}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_data_arguments(p)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small subsets and few epochs (< 15 min on 2 CPU cores): {QUICK}",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="CIFAR-10 train images used to fit (default all but --cal-size)",
+    )
+    p.add_argument(
+        "--cal-size", type=int, default=None, help="held-out train images for calibration (default 5000)"
+    )
+    p.add_argument("--id-size", type=int, default=None, help="CIFAR-10 test images (default all 10000)")
+    p.add_argument("--ood-size", type=int, default=None, help="images per OOD set (default all)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument(
+        "--alpha", type=float, default=0.05, help="target false-alarm rate of the threshold (default 0.05)"
+    )
+    p.add_argument(
+        "--methods", default=",".join(common.METHODS), help="comma-separated subset of the methods"
+    )
+    common.add_dlsr_arguments(p, epochs=None, n_blocks=DEFAULT_BLOCKS, t=DEFAULT_T)
+
+
+def _resolve_sizes(args: argparse.Namespace) -> None:
+    quick = QUICK if args.quick else {}
+    for key in ("train_size", "cal_size", "id_size", "ood_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, quick.get(key))
+    if args.cal_size is None:
+        args.cal_size = 5000
+    if args.epochs is None:
+        args.epochs = QUICK["epochs"] if args.quick else DEFAULT_EPOCHS
+
+
+def measure_encoder(encoder, data_root, n: int, batch_size: int) -> float:
+    """Encoder-alone images/s (preprocess + forward) on `n` CIFAR-10 test images, after one warm-up batch."""
+    from dlsr.readers import decode_items, open_images
+
+    images, _, _ = decode_items(open_images(data_root / common.ID_SET / "test.zip", limit=n, seed=123))
+    encoder.encode(images[:batch_size], batch_size=batch_size)
+    t0 = time.perf_counter()
+    encoder.encode(images, batch_size=batch_size)
+    return len(images) / (time.perf_counter() - t0)
+
+
+def measure_head(det, x: np.ndarray, batch_size: int, **options: Any) -> float:
+    """Scorer-head images/s on features (same batch size as the encoder), after a warm-up batch."""
+    det.score(x[:batch_size], batch_size=batch_size, **options)
+    t0 = time.perf_counter()
+    det.score(x, batch_size=batch_size, **options)
+    return len(x) / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace, settings: Any = None) -> int:
+    from dlsr.cache import FeatureCache
+    from dlsr.calibration import conformal_threshold
+    from dlsr.metrics import ood_metrics
+
+    t_start = time.perf_counter()
+    _resolve_sizes(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(common.METHODS))
+    if unknown:
+        print(
+            f"dlsr bench ood: unknown method(s) {unknown}; choose from {list(common.METHODS)}",
+            file=sys.stderr,
+        )
+        return 2
+    root = common.data_dir(args)
+    device = common.resolve_device(args.device)
+    encoder = common.make_encoder(args, settings)
+    cache = FeatureCache(common.cache_dir(args, settings))
+    ood_names = common.ood_set_names(root)
+    print(
+        f"dlsr bench ood: encoder {encoder.name} @{encoder.input_size} ({encoder.identity()['weights']['source']} "
+        f"weights), OOD sets {ood_names}, device {device}",
+        file=sys.stderr,
+    )
+
+    n_pool = None if args.train_size is None else args.train_size + args.cal_size
+    pool = common.load_split(
+        cache,
+        encoder,
+        root / common.ID_SET / "train.zip",
+        limit=n_pool,
+        seed=0,
+        batch_size=args.batch_size,
+        label="cifar10/train",
+    )
+    id_test = common.load_split(
+        cache,
+        encoder,
+        root / common.ID_SET / "test.zip",
+        limit=args.id_size,
+        seed=0,
+        batch_size=args.batch_size,
+        label="cifar10/test",
+    )
+    ood = {
+        name: common.load_split(
+            cache,
+            encoder,
+            root / name / "test.zip",
+            limit=args.ood_size,
+            seed=0,
+            batch_size=args.batch_size,
+            label=f"{name}/test",
+        )
+        for name in ood_names
+    }
+    t_features = time.perf_counter() - t_start
+
+    # results[method][set] -> list over seeds of metric dicts; far[method] -> per-seed far-OOD averages
+    results: dict[str, dict[str, list[dict[str, float]]]] = {m: {s: [] for s in ood_names} for m in methods}
+    far_alarm: dict[str, list[float]] = {m: [] for m in methods}
+    speed: dict[str, float] = {}
+    fit_seconds: list[float] = []
+    dlsr_methods = [m for m in methods if m in common.DLSR_SCORES]
+    for seed in range(args.seeds):
+        cal_idx, fit_idx = common.split_indices(len(pool.features), args.cal_size, seed)
+        x_fit, x_cal = pool.features[fit_idx], pool.features[cal_idx]
+        print(f"seed {seed}: fit on {len(x_fit)}, calibrate on {len(x_cal)}", file=sys.stderr, flush=True)
+        scores: dict[str, dict[str, np.ndarray]] = {}  # method -> split -> scores
+        if dlsr_methods:
+            det = common.make_dlsr(args, encoder.boundaries, seed, device)
+            t0 = time.perf_counter()
+            det.fit(x_fit)
+            fit_seconds.append(time.perf_counter() - t0)
+            names = tuple(common.DLSR_SCORES[m] for m in dlsr_methods)
+            parts = {"cal": x_cal, "id": id_test.features} | {k: v.features for k, v in ood.items()}
+            per_split = {k: det.score_all(v, scores=names) for k, v in parts.items()}
+            for m in dlsr_methods:
+                scores[m] = {k: v[common.DLSR_SCORES[m]] for k, v in per_split.items()}
+                if seed == 0:
+                    speed[m] = measure_head(
+                        det, id_test.features[:2048], args.batch_size, score=common.DLSR_SCORES[m]
+                    )
+        for m, det in common.make_baselines(args, device).items():
+            if m not in methods:
+                continue
+            det.fit(x_fit)
+            scores[m] = {"cal": det.score(x_cal), "id": det.score(id_test.features)}
+            scores[m] |= {k: det.score(v.features) for k, v in ood.items()}
+            if seed == 0:
+                speed[m] = measure_head(det, id_test.features[:2048], args.batch_size)
+        for m in methods:
+            s = scores[m]
+            thr = conformal_threshold(s["cal"], args.alpha)
+            far_alarm[m].append(float(np.mean(s["id"] > thr)))
+            for name in ood_names:
+                results[m][name].append(ood_metrics(s["id"], s[name]))
+
+    t0 = time.perf_counter()
+    enc_speed = measure_encoder(
+        encoder, root, n=min(512, max(args.batch_size * 2, 256)), batch_size=args.batch_size
+    )
+    t_speed = time.perf_counter() - t0
+    wall = time.perf_counter() - t_start
+    dev_name = common.device_name(device)
+    far_sets = [s for s in ood_names if s not in common.NEAR_OOD]
+    near_sets = [s for s in ood_names if s in common.NEAR_OOD]
+
+    rows_md, rows_json = [], []
+    keys = ("auroc", "fpr95", "aupr_in", "aupr_out")
+
+    def add(method: str, label: str, per_seed: list[dict[str, float]]) -> None:
+        vals = {k: [r[k] for r in per_seed] for k in keys}
+        rows_md.append([method, label] + [common.pm(vals[k]) for k in keys])
+        row = {"method": method, "ood_set": label}
+        row |= {k: float(np.mean(vals[k])) for k in keys}
+        row |= {f"{k}_std": float(np.std(vals[k])) for k in keys}
+        rows_json.append(row)
+
+    for m in methods:
+        for name in ood_names:
+            add(m, name + (" (near)" if name in common.NEAR_OOD else ""), results[m][name])
+        if far_sets:
+            per_seed = [
+                {k: float(np.mean([results[m][s][i][k] for s in far_sets])) for k in keys}
+                for i in range(args.seeds)
+            ]
+            add(m, "far-OOD average", per_seed)
+    for r in rows_json:
+        r["ood_set"] = r["ood_set"].replace(" (near)", "")
+
+    table = common.markdown_table(
+        ["method", "OOD set", "AUROC %", "FPR95 %", "AUPR-in %", "AUPR-out %"], rows_md
+    )
+    speed_rows = []
+    for m in methods:
+        head = speed.get(m, float("nan"))
+        e2e = 1.0 / (1.0 / enc_speed + 1.0 / head)
+        speed_rows.append(
+            [
+                m,
+                f"{head:,.0f}",
+                f"{e2e:,.1f}",
+                f"{100 * e2e / enc_speed:.0f}%",
+                f"{100 * np.mean(far_alarm[m]):.2f}",
+            ]
+        )
+    speed_table = common.markdown_table(
+        [
+            "scorer",
+            "head images/s (features)",
+            "end-to-end images/s",
+            "of encoder alone",
+            f"ID-test false alarms % at alpha={args.alpha}",
+        ],
+        speed_rows,
+    )
+    dlsr_desc = (
+        f"LFDN {args.n_blocks} blocks, width {args.width or '2D'}, {args.epochs} epochs, t={args.t}, "
+        f"ddim_steps={args.ddim_steps or args.t}, draws={args.n_draws}"
+    )
+    print(
+        f"\n### CIFAR-10 (ID) vs OOD: {encoder.name} @{encoder.input_size}, {dlsr_desc}; "
+        f"fit {len(pool.features) - args.cal_size}, calibrate {args.cal_size}, ID test {len(id_test.features)}, "
+        f"{args.seeds} seeds (mean ± std)\n"
+    )
+    print(table)
+    print(
+        f"\nThroughput at batch {args.batch_size} on {dev_name}: encoder alone {enc_speed:,.1f} images/s "
+        f"(preprocess + forward)\n"
+    )
+    print(speed_table)
+    near_txt = f"; near-OOD: {', '.join(near_sets)}" if near_sets else ""
+    print(
+        f"\nfar-OOD: {', '.join(far_sets)}{near_txt}. Wall time {wall / 60:.1f} min "
+        f"(features {t_features / 60:.1f} min, LFDN fit {np.sum(fit_seconds) / 60:.1f} min, speed {t_speed:.0f} s)."
+    )
+
+    if args.json:
+        meta = {
+            "command": "dlsr " + " ".join(sys.argv[1:])
+            if sys.argv and sys.argv[0].endswith("dlsr")
+            else " ".join(sys.argv),
+            "git_commit": common.git_commit(),
+            "device": dev_name,
+            "encoder": encoder.identity(),
+            "ood_sets": ood_names,
+            "far_ood_sets": far_sets,
+            "near_ood_sets": near_sets,
+            "n_fit": len(pool.features) - args.cal_size,
+            "n_cal": args.cal_size,
+            "n_id_test": len(id_test.features),
+            "n_ood": {k: len(v.features) for k, v in ood.items()},
+            "seeds": args.seeds,
+            "alpha": args.alpha,
+            "id_test_false_alarm_rate": {m: float(np.mean(v)) for m, v in far_alarm.items()},
+            "dlsr": {
+                k: getattr(args, k)
+                for k in (
+                    "epochs",
+                    "n_blocks",
+                    "width",
+                    "t",
+                    "ddim_steps",
+                    "n_draws",
+                    "lr",
+                    "train_batch",
+                    "ema_decay",
+                    "weight_decay",
+                )
+            },
+            "knn_k": args.knn_k,
+            "mahalanobis_shrinkage": args.shrinkage,
+            "images_per_s": {
+                "batch_size": args.batch_size,
+                "encoder": enc_speed,
+                "heads": speed,
+                "end_to_end": {m: 1.0 / (1.0 / enc_speed + 1.0 / v) for m, v in speed.items()},
+            },
+            "wall_s": wall,
+            "quick": bool(args.quick),
+        }
+        common.write_json(args.json, {"rows": rows_json, "meta": meta})
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
