@@ -144,10 +144,11 @@ def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | N
             "feature_layout": {"dim": detector.dim, "boundaries": list(detector.boundaries or ())},
             "hyperparameters": detector.hyperparameters(),
             "training": {"n_samples": detector.n_train, "history": list(getattr(detector, "history", []))},
-            "calibration": {"alpha": detector.alpha, "n": 0 if detector.calibration_scores is None
-                            else int(detector.calibration_scores.size),
-                            "threshold": None if detector.threshold is None
-                            else _json_float(float(detector.threshold))},
+            "calibration": {
+                "alpha": detector.alpha,
+                "n": 0 if detector.calibration_scores is None else int(detector.calibration_scores.size),
+                "threshold": None if detector.threshold is None else _json_float(float(detector.threshold)),
+            },
             "metrics": metrics or {},
             "files": files,
         }
@@ -193,7 +194,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     for name, digest in files.items():
         fpath = path / name
         if not fpath.is_file():
-            raise ArtifactError(f"{path}: missing file {name} listed in the manifest; the artifact is incomplete")
+            raise ArtifactError(
+                f"{path}: missing file {name} listed in the manifest; the artifact is incomplete"
+            )
         actual = file_sha256(fpath)
         if actual != digest:
             raise ArtifactError(
@@ -214,7 +217,9 @@ def _rebuild_encoder(identity: dict, device: str | torch.device) -> Encoder:
     elif source in ("pypi", "hub", "random"):
         spec = str(source)
     else:
-        raise ArtifactError(f"cannot rebuild encoder from identity {identity!r}: pass encoder= to load_detector")
+        raise ArtifactError(
+            f"cannot rebuild encoder from identity {identity!r}: pass encoder= to load_detector"
+        )
     kwargs: dict[str, Any] = {"name": identity["name"], "weights": spec, "device": device}
     if "stages" in identity:
         kwargs["stages"] = tuple(identity["stages"])
@@ -237,8 +242,13 @@ def _check_encoder(encoder: Any, manifest: dict, path: Path) -> None:
         )
 
 
-def load_detector(path: str | Path, *, device: str | torch.device = "cpu", encoder: Encoder | None = None,
-                  rebuild_encoder: bool = True) -> BaseDetector:
+def load_detector(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    encoder: Encoder | None = None,
+    rebuild_encoder: bool = True,
+) -> BaseDetector:
     """Load a saved detector after verifying the manifest and every file's sha256.
 
     Args:
@@ -271,7 +281,9 @@ def load_detector(path: str | Path, *, device: str | torch.device = "cpu", encod
     try:
         det = cls(encoder, device=device, boundaries=boundaries, progress=False, **hyper)
     except TypeError as exc:
-        raise ArtifactError(f"{path}: hyperparameters do not fit {cls.__name__} ({exc}); re-save the detector") from exc
+        raise ArtifactError(
+            f"{path}: hyperparameters do not fit {cls.__name__} ({exc}); re-save the detector"
+        ) from exc
     det.dim = int(layout["dim"])
     det.n_train = int((manifest.get("training") or {}).get("n_samples", 0))
     if hasattr(det, "history"):

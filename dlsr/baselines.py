@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlsr.detector import BaseDetector
+from dlsr.detector import BaseDetector, pad_rows
 
 if TYPE_CHECKING:
     from dlsr.encoder import Encoder
@@ -28,6 +28,7 @@ class KNNDetector(BaseDetector):
         k: which neighbour (Sun et al. use k = 50 for CIFAR-10 with the full training set).
         chunk_size: rows per block of the similarity matmul, so e.g. 10k queries x 50k bank never materialise
             a full similarity matrix (memory ~ chunk_size x bank_chunk x 4 bytes).
+        min_batch: tiny query batches are zero-padded to this many rows (batch-size-independent scores).
     """
 
     kind: ClassVar[str] = "knn"
@@ -38,17 +39,24 @@ class KNNDetector(BaseDetector):
         *,
         k: int = 50,
         chunk_size: int = 4096,
+        min_batch: int = 16,
         device: str | torch.device = "cpu",
         boundaries: Sequence[int] | None = None,
         score_batch_size: int = 4096,
         encode_batch_size: int = 64,
         progress: bool = True,
     ) -> None:
-        super().__init__(encoder, device=device, boundaries=boundaries, score_batch_size=score_batch_size,
-                         encode_batch_size=encode_batch_size, progress=progress)
+        super().__init__(
+            encoder,
+            device=device,
+            boundaries=boundaries,
+            score_batch_size=score_batch_size,
+            encode_batch_size=encode_batch_size,
+            progress=progress,
+        )
         if k < 1 or chunk_size < 1:
             raise ValueError(f"k and chunk_size must be >= 1; got k={k}, chunk_size={chunk_size}")
-        self.k, self.chunk_size = int(k), int(chunk_size)
+        self.k, self.chunk_size, self.min_batch = int(k), int(chunk_size), max(1, int(min_batch))
         self.bank: Tensor | None = None  # (N, D) L2-normalised training features
 
     @property
@@ -69,19 +77,25 @@ class KNNDetector(BaseDetector):
         q = F.normalize(x.float(), dim=1)
         out = torch.empty(q.shape[0], dtype=torch.float64, device=q.device)
         for i in range(0, q.shape[0], self.chunk_size):
-            qi = q[i : i + self.chunk_size]
+            n = min(self.chunk_size, q.shape[0] - i)
+            qi = pad_rows(q[i : i + n], self.min_batch)  # same BLAS kernel whatever the batch size
             best: Tensor | None = None  # running top-k similarities (largest), (n, k)
             for j in range(0, self.bank.shape[0], self.chunk_size):
                 sims = qi @ self.bank[j : j + self.chunk_size].T
                 cand = sims if best is None else torch.cat([best, sims], dim=1)
                 best = torch.topk(cand, min(self.k, cand.shape[1]), dim=1).values
             assert best is not None
-            out[i : i + qi.shape[0]] = 1.0 - best[:, self.k - 1].double()
+            out[i : i + n] = 1.0 - best[:n, self.k - 1].double()
         return out
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"k": self.k, "chunk_size": self.chunk_size, "score_batch_size": self.score_batch_size,
-                "encode_batch_size": self.encode_batch_size}
+        return {
+            "k": self.k,
+            "chunk_size": self.chunk_size,
+            "min_batch": self.min_batch,
+            "score_batch_size": self.score_batch_size,
+            "encode_batch_size": self.encode_batch_size,
+        }
 
     def state_tensors(self) -> dict[str, Tensor]:
         self._require_fitted()
@@ -89,7 +103,7 @@ class KNNDetector(BaseDetector):
         return {"bank": self.bank.detach().cpu().contiguous()}
 
     def _load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.bank = tensors["bank"].to(self.device, torch.float32).contiguous()
+        self.bank = tensors["bank"].to(self.device, torch.float32).clone().contiguous()
 
 
 def ledoit_wolf_shrinkage(xc: Tensor) -> float:
@@ -131,8 +145,14 @@ class MahalanobisDetector(BaseDetector):
         encode_batch_size: int = 64,
         progress: bool = True,
     ) -> None:
-        super().__init__(encoder, device=device, boundaries=boundaries, score_batch_size=score_batch_size,
-                         encode_batch_size=encode_batch_size, progress=progress)
+        super().__init__(
+            encoder,
+            device=device,
+            boundaries=boundaries,
+            score_batch_size=score_batch_size,
+            encode_batch_size=encode_batch_size,
+            progress=progress,
+        )
         if isinstance(shrinkage, str):
             if shrinkage != "ledoit_wolf":
                 raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1]; got {shrinkage!r}")
@@ -163,8 +183,9 @@ class MahalanobisDetector(BaseDetector):
             raise ValueError(
                 f"the feature covariance is singular (shrinkage {s:g}); use a larger fixed shrinkage, e.g. 0.1"
             ) from exc
-        self.precision = torch.cholesky_inverse(chol)
-        self.mean, self.shrinkage_used = mean, s
+        # contiguous: the saved copy is row-major, and BLAS rounds differently for a transposed operand.
+        self.precision = torch.cholesky_inverse(chol).contiguous()
+        self.mean, self.shrinkage_used = mean.contiguous(), s
 
     @torch.no_grad()
     def _score_tensor(self, x: Tensor) -> Tensor:
@@ -173,8 +194,11 @@ class MahalanobisDetector(BaseDetector):
         return ((d @ self.precision) * d).sum(dim=1)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"shrinkage": self.shrinkage, "score_batch_size": self.score_batch_size,
-                "encode_batch_size": self.encode_batch_size}
+        return {
+            "shrinkage": self.shrinkage,
+            "score_batch_size": self.score_batch_size,
+            "encode_batch_size": self.encode_batch_size,
+        }
 
     def state_tensors(self) -> dict[str, Tensor]:
         self._require_fitted()
@@ -182,5 +206,5 @@ class MahalanobisDetector(BaseDetector):
         return {"mean": self.mean.cpu().contiguous(), "precision": self.precision.cpu().contiguous()}
 
     def _load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.mean = tensors["mean"].to(self.device, torch.float64)
-        self.precision = tensors["precision"].to(self.device, torch.float64)
+        self.mean = tensors["mean"].to(self.device, torch.float64).clone()
+        self.precision = tensors["precision"].to(self.device, torch.float64).clone().contiguous()

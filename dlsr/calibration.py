@@ -20,7 +20,9 @@ def check_alpha(alpha: float) -> float:
     try:
         value = float(alpha)
     except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number in (0, 1), the target false-alarm rate; got {alpha!r}") from None
+        raise ValueError(
+            f"alpha must be a number in (0, 1), the target false-alarm rate; got {alpha!r}"
+        ) from None
     if not (0.0 < value < 1.0) or math.isnan(value):
         raise ValueError(f"alpha must be in (0, 1), the target false-alarm rate (e.g. 0.01); got {alpha!r}")
     return value

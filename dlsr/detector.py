@@ -80,10 +80,25 @@ def check_boundaries(boundaries: Sequence[int] | None, dim: int | None = None) -
         return None
     b = tuple(int(x) for x in boundaries)
     if len(b) < 2 or b[0] != 0 or any(y <= x for x, y in zip(b[:-1], b[1:], strict=True)):
-        raise ValueError(f"boundaries must be cumulative offsets (0, b1, ..., D), strictly increasing; got {b}")
+        raise ValueError(
+            f"boundaries must be cumulative offsets (0, b1, ..., D), strictly increasing; got {b}"
+        )
     if dim is not None and b[-1] != dim:
         raise FeatureWidthError(f"boundaries {b} end at {b[-1]} but the features have D={dim} dims")
     return b
+
+
+def pad_rows(x: Tensor, min_rows: int) -> Tensor:
+    """Zero-pad a batch to at least `min_rows` rows.
+
+    BLAS switches to other kernels (gemv, small-M paths) for a handful of rows, whose float32 rounding differs
+    from the blocked kernel's; padding tiny batches keeps every row's arithmetic, hence its score, identical
+    whatever the batch size. Slice the result back to the original rows.
+    """
+    n = x.shape[0]
+    if n >= min_rows:
+        return x
+    return torch.cat([x, x.new_zeros((min_rows - n, *x.shape[1:]))])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -146,6 +161,7 @@ class BaseDetector:
         self.progress = bool(progress)
         self.dim: int | None = None
         self.boundaries: tuple[int, ...] | None = check_boundaries(boundaries)
+        self._auto_boundaries = False  # True when fit() chose (0, D) because no layout was given
         self.encoder_identity: dict | None = None
         self.encoder_name: str | None = None
         self.n_train: int = 0
@@ -188,17 +204,27 @@ class BaseDetector:
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
-            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() first (or load_detector())")
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted: call fit() first (or load_detector())"
+            )
 
     # -- inputs ------------------------------------------------------------------------------------------
 
     def _check_features(self, x: np.ndarray | Tensor, *, fitting: bool) -> Tensor:
         """(N, D) array -> float32 tensor on the device, with the width checked up front."""
-        t = x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
+        t = (
+            x
+            if isinstance(x, Tensor)
+            else torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
+        )
         if t.ndim != 2:
             raise FeatureWidthError(f"features must be a 2-D (N, D) array; got shape {tuple(t.shape)}")
         d = int(t.shape[1])
-        expected = self.dim if self.dim is not None else (int(self.encoder.dim) if self.encoder is not None else None)
+        expected = (
+            self.dim
+            if self.dim is not None
+            else (int(self.encoder.dim) if self.encoder is not None else None)
+        )
         if expected is not None and d != expected and not (fitting and self.encoder is None):
             raise FeatureWidthError(
                 f"got D'={d} features, but the detector was fitted on D={expected} features from "
@@ -214,7 +240,9 @@ class BaseDetector:
     def _encode_images(self, images: Iterable[Any], progress: bool) -> np.ndarray:
         """Images (PIL images, or items with `.data` bytes such as an ImageSet) -> (N, D) features."""
         if self.encoder is None:
-            raise ValueError(f"{type(self).__name__} has no encoder: pass encoder= when building it, or features")
+            raise ValueError(
+                f"{type(self).__name__} has no encoder: pass encoder= when building it, or features"
+            )
         chunks: list[np.ndarray] = []
         batch: list[Any] = []
 
@@ -237,7 +265,9 @@ class BaseDetector:
 
                 batch.append(decode_image(item.data))
             else:
-                raise TypeError(f"images must be PIL images or items with .data bytes; got {type(item).__name__}")
+                raise TypeError(
+                    f"images must be PIL images or items with .data bytes; got {type(item).__name__}"
+                )
             if len(batch) >= self.encode_batch_size * 4:
                 flush()
         flush()
@@ -254,14 +284,22 @@ class BaseDetector:
 
     # -- the public API ----------------------------------------------------------------------------------
 
-    def fit(self, features: np.ndarray | None = None, *, images: Any = None, progress: bool | None = None,
-            **kwargs: Any) -> BaseDetector:
+    def fit(
+        self,
+        features: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        progress: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseDetector:
         """Fit on in-distribution data: (N, D) features, or images through the encoder.
 
         Returns:
             self, fitted (any previous calibration is dropped: it belonged to the old model).
         """
         progress = self.progress if progress is None else progress
+        if self._auto_boundaries and not kwargs.get("warm_start"):
+            self.boundaries = None  # a fresh fit on features without a layout may change the width
         x = self._inputs(features, images, progress, fitting=True)
         if x.shape[0] < 2:
             raise ValueError(f"fit needs at least 2 samples; got {x.shape[0]}")
@@ -270,13 +308,20 @@ class BaseDetector:
         self._fit_tensor(x, progress=progress, **kwargs)
         self.dim = int(x.shape[1])
         if self.boundaries is None:
-            self.boundaries = (0, self.dim)
+            self.boundaries, self._auto_boundaries = (0, self.dim), True
         self.n_train = int(x.shape[0]) + (self.n_train if kwargs.get("warm_start") else 0)
         self.alpha = self.threshold = self.calibration_scores = None
         return self
 
-    def score(self, features: np.ndarray | None = None, *, images: Any = None, batch_size: int | None = None,
-              progress: bool = False, **options: Any) -> np.ndarray:
+    def score(
+        self,
+        features: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> np.ndarray:
         """OOD scores, higher = more OOD; every input is scored (no batch is dropped).
 
         Args:
@@ -306,12 +351,20 @@ class BaseDetector:
         """Preprocessed pixels (N, 3, S, S) from `encoder.preprocess` -> (N,) float64 scores (one batch)."""
         self._require_fitted()
         if self.encoder is None:
-            raise ValueError(f"{type(self).__name__} has no encoder: pass encoder= (or load_detector(encoder=))")
+            raise ValueError(
+                f"{type(self).__name__} has no encoder: pass encoder= (or load_detector(encoder=))"
+            )
         z = self._check_features(self.encoder.encode_pixels(x), fitting=False)
         return self._score_tensor(z, **options).double().cpu().numpy()
 
-    def calibrate(self, features: np.ndarray | None = None, *, images: Any = None, scores: np.ndarray | None = None,
-                  alpha: float = 0.01) -> BaseDetector:
+    def calibrate(
+        self,
+        features: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        scores: np.ndarray | None = None,
+        alpha: float = 0.01,
+    ) -> BaseDetector:
         """Set the conformal threshold from held-out in-distribution data (never the training data).
 
         Args:
@@ -328,8 +381,9 @@ class BaseDetector:
         self.calibration_scores, self.alpha, self.threshold = cal, alpha, threshold
         return self
 
-    def predict(self, features: np.ndarray | None = None, *, images: Any = None,
-                scores: np.ndarray | None = None) -> Prediction:
+    def predict(
+        self, features: np.ndarray | None = None, *, images: Any = None, scores: np.ndarray | None = None
+    ) -> Prediction:
         """Scores, threshold, p-values and OOD flags (score > threshold) together."""
         if not self.is_calibrated:
             raise NotCalibratedError(f"{type(self).__name__} has no threshold: call calibrate() first")
@@ -389,6 +443,8 @@ class DLSRDetector(BaseDetector):
         seed: seeds the initial weights, the training order and noise, and the scoring noise bank.
         device: "cpu", "cuda", "cuda:1" or "auto"; on CUDA training runs under bf16 autocast.
         score_amp: also score under bf16 autocast on CUDA (faster, but no longer exactly batch-independent).
+        min_batch: tiny scoring batches are zero-padded to this many rows so BLAS uses the same kernel for
+            every batch size (batch-size-independent float32 scores on CPU).
         boundaries: cumulative layer offsets (0, ..., D) when fitting on features without an encoder.
         score_batch_size, encode_batch_size, progress: batching and progress bars.
     """
@@ -420,6 +476,7 @@ class DLSRDetector(BaseDetector):
         seed: int = 0,
         device: str | torch.device = "cpu",
         score_amp: bool = False,
+        min_batch: int = 16,
         boundaries: Sequence[int] | None = None,
         score_batch_size: int = 1024,
         encode_batch_size: int = 64,
@@ -441,9 +498,13 @@ class DLSRDetector(BaseDetector):
         if n_draws < 1:
             raise ValueError(f"n_draws must be >= 1; got {n_draws}")
         if not eta >= 0.0:
-            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {eta}")
+            raise ValueError(
+                f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {eta}"
+            )
         if epochs < 0 or batch_size < 1:
-            raise ValueError(f"need epochs >= 0 and batch_size >= 1; got epochs={epochs}, batch_size={batch_size}")
+            raise ValueError(
+                f"need epochs >= 0 and batch_size >= 1; got epochs={epochs}, batch_size={batch_size}"
+            )
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}")
         if not 0.0 <= dropout < 1.0:
@@ -457,6 +518,9 @@ class DLSRDetector(BaseDetector):
         self.lr = float(lr) if lr is not None else 1e-3 * batch_size / 256
         self.weight_decay, self.ema_decay = float(weight_decay), float(ema_decay)
         self.warmup_steps, self.seed, self.score_amp = int(warmup_steps), int(seed), bool(score_amp)
+        if min_batch < 1:
+            raise ValueError(f"min_batch must be >= 1; got {min_batch}")
+        self.min_batch = int(min_batch)
         self.diffusion = GaussianDiffusion(self.T, self.schedule).to(self.device)
         self.model: LFDN | None = None  # the EMA weights: what scores (and what is saved)
         self._raw: LFDN | None = None  # the trained weights, kept for warm starts in this process
@@ -467,7 +531,9 @@ class DLSRDetector(BaseDetector):
         if not 1 <= int(t) <= T:
             raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
         if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
-            raise ValueError(f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}")
+            raise ValueError(
+                f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}"
+            )
 
     @property
     def is_fitted(self) -> bool:
@@ -478,8 +544,15 @@ class DLSRDetector(BaseDetector):
 
     # -- training ----------------------------------------------------------------------------------------
 
-    def _fit_tensor(self, x: Tensor, *, progress: bool, warm_start: bool = False, epochs: int | None = None,
-                    lr: float | None = None) -> None:
+    def _fit_tensor(
+        self,
+        x: Tensor,
+        *,
+        progress: bool,
+        warm_start: bool = False,
+        epochs: int | None = None,
+        lr: float | None = None,
+    ) -> None:
         """Train the LFDN with AdamW, a cosine learning-rate schedule and an EMA of the weights.
 
         Args:
@@ -492,7 +565,9 @@ class DLSRDetector(BaseDetector):
         lr = self.lr if lr is None else float(lr)
         if warm_start and self.model is not None:
             if self.dim != d:
-                raise FeatureWidthError(f"warm start needs D={self.dim} features like the current model; got D'={d}")
+                raise FeatureWidthError(
+                    f"warm start needs D={self.dim} features like the current model; got D'={d}"
+                )
             raw = copy.deepcopy(self._raw if self._raw is not None else self.model)
             ema = copy.deepcopy(self.model)
         else:
@@ -593,25 +668,32 @@ class DLSRDetector(BaseDetector):
         return t, steps
 
     @torch.no_grad()
-    def reconstruct(self, z0: Tensor, *, t: int | None = None, ddim_steps: int | None = None,
-                    draw: int = 0) -> Tensor:
+    def reconstruct(
+        self, z0: Tensor, *, t: int | None = None, ddim_steps: int | None = None, draw: int = 0
+    ) -> Tensor:
         """Noise (N, D) features to level t and reconstruct them with DDIM using noise draw `draw` of the bank."""
         self._require_fitted()
         assert self.model is not None
         t, steps = self._settings(t, ddim_steps)
         bank = self.noise_bank(t, steps, n_draws=max(self.n_draws, draw + 1))[draw]
+        n = z0.shape[0]
+        z0 = pad_rows(z0, self.min_batch)  # batch-size-independent rounding (see pad_rows)
         amp = self.device.type == "cuda" and self.score_amp
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            return self.diffusion.reconstruct(self.model, z0, t, steps, self.eta, bank).float()
+            return self.diffusion.reconstruct(self.model, z0, t, steps, self.eta, bank).float()[:n]
 
     @torch.no_grad()
-    def _score_tensor(self, x: Tensor, *, score: str | None = None, t: int | None = None,
-                      ddim_steps: int | None = None) -> Tensor:
-        return self._score_many(x, (score or self.score_name,), t=t, ddim_steps=ddim_steps)[score or self.score_name]
+    def _score_tensor(
+        self, x: Tensor, *, score: str | None = None, t: int | None = None, ddim_steps: int | None = None
+    ) -> Tensor:
+        return self._score_many(x, (score or self.score_name,), t=t, ddim_steps=ddim_steps)[
+            score or self.score_name
+        ]
 
     @torch.no_grad()
-    def _score_many(self, x: Tensor, names: Sequence[str], *, t: int | None, ddim_steps: int | None
-                    ) -> dict[str, Tensor]:
+    def _score_many(
+        self, x: Tensor, names: Sequence[str], *, t: int | None, ddim_steps: int | None
+    ) -> dict[str, Tensor]:
         assert self.boundaries is not None
         for name in names:
             check_score_name(name, self.boundaries)
@@ -622,9 +704,16 @@ class DLSRDetector(BaseDetector):
                 out[name] += SCORES[name](x, rec, self.boundaries)
         return {name: v / self.n_draws for name, v in out.items()}
 
-    def score_all(self, features: np.ndarray | None = None, *, images: Any = None,
-                  scores: Sequence[str] = ("mse", "mfsim5", "mfsim4"), t: int | None = None,
-                  ddim_steps: int | None = None, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    def score_all(
+        self,
+        features: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        scores: Sequence[str] = ("mse", "mfsim5", "mfsim4"),
+        t: int | None = None,
+        ddim_steps: int | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """Several scores from one reconstruction pass (benchmarks and ablations): name -> (N,) float64."""
         self._require_fitted()
         x = self._inputs(features, images, False, fitting=False)
@@ -640,12 +729,28 @@ class DLSRDetector(BaseDetector):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {
-            "score": self.score_name, "t": self.t, "ddim_steps": self.ddim_steps, "eta": self.eta,
-            "n_draws": self.n_draws, "n_blocks": self.n_blocks, "width": self.width, "hidden": self.hidden,
-            "temb_dim": self.temb_dim, "dropout": self.dropout, "T": self.T, "schedule": self.schedule,
-            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-            "weight_decay": self.weight_decay, "ema_decay": self.ema_decay, "warmup_steps": self.warmup_steps,
-            "seed": self.seed, "score_amp": self.score_amp, "score_batch_size": self.score_batch_size,
+            "score": self.score_name,
+            "t": self.t,
+            "ddim_steps": self.ddim_steps,
+            "eta": self.eta,
+            "n_draws": self.n_draws,
+            "n_blocks": self.n_blocks,
+            "width": self.width,
+            "hidden": self.hidden,
+            "temb_dim": self.temb_dim,
+            "dropout": self.dropout,
+            "T": self.T,
+            "schedule": self.schedule,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "ema_decay": self.ema_decay,
+            "warmup_steps": self.warmup_steps,
+            "seed": self.seed,
+            "score_amp": self.score_amp,
+            "min_batch": self.min_batch,
+            "score_batch_size": self.score_batch_size,
             "encode_batch_size": self.encode_batch_size,
         }
 
@@ -663,8 +768,9 @@ class DLSRDetector(BaseDetector):
         self._raw = None
 
 
-def load_detector(path: str | Path, *, device: str | torch.device = "cpu",
-                  encoder: Encoder | None = None) -> BaseDetector:
+def load_detector(
+    path: str | Path, *, device: str | torch.device = "cpu", encoder: Encoder | None = None
+) -> BaseDetector:
     """Load a detector saved with `save()`, verifying every file's sha256 (see dlsr.artifacts.load_detector)."""
     from dlsr.artifacts import load_detector as _load
 

@@ -65,7 +65,9 @@ def q_sample(x0: Tensor, sqrt_ab: Tensor, sqrt_1m_ab: Tensor, noise: Tensor) -> 
     return sqrt_ab * x0 + sqrt_1m_ab * noise
 
 
-def ddim_step(x_k: Tensor, x0_hat: Tensor, ab_k: float, ab_prev: float, eta: float, noise: Tensor | None) -> Tensor:
+def ddim_step(
+    x_k: Tensor, x0_hat: Tensor, ab_k: float, ab_prev: float, eta: float, noise: Tensor | None
+) -> Tensor:
     """One DDIM update x_k -> x_prev given the predicted x0 (Song et al. 2021, eq. 12 and eq. 16 for sigma).
 
     eps_hat = (x_k - sqrt(ab_k) x0_hat) / sqrt(1 - ab_k);
@@ -98,7 +100,9 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("betas", torch.tensor(betas, dtype=torch.float32), persistent=False)
         self.register_buffer("alphas_cumprod", torch.tensor(ab, dtype=torch.float32), persistent=False)
         self.register_buffer("sqrt_ab", torch.tensor(np.sqrt(ab), dtype=torch.float32), persistent=False)
-        self.register_buffer("sqrt_1m_ab", torch.tensor(np.sqrt(1.0 - ab), dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "sqrt_1m_ab", torch.tensor(np.sqrt(1.0 - ab), dtype=torch.float32), persistent=False
+        )
 
     def loss(self, model: nn.Module, x0: Tensor, k: Tensor, noise: Tensor) -> Tensor:
         """L2 loss of the x0 prediction at indices k (DDPM's simple loss with x0 as the target)."""
@@ -111,7 +115,9 @@ class GaussianDiffusion(nn.Module):
         return 1 + (steps - 1 if eta > 0 else 0)
 
     @torch.no_grad()
-    def reconstruct(self, model: nn.Module, x0: Tensor, t: int, steps: int, eta: float, noise: Tensor) -> Tensor:
+    def reconstruct(
+        self, model: nn.Module, x0: Tensor, t: int, steps: int, eta: float, noise: Tensor
+    ) -> Tensor:
         """Noise x0 to level t, then run DDIM back to 0 and return the reconstruction of x0.
 
         Args:

@@ -1,0 +1,216 @@
+"""DLSRDetector: separation, determinism, named errors, calibration and predict, warm start, encoder paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dlsr.detector import DLSRDetector
+from dlsr.exceptions import CalibrationWarning, FeatureWidthError, NotCalibratedError, NotFittedError
+from dlsr.metrics import auroc
+from tests.dlsr._synthetic import BOUNDARIES, D, clusters
+
+TINY = {
+    "n_blocks": 2,
+    "width": 64,
+    "epochs": 12,
+    "batch_size": 128,
+    "progress": False,
+    "boundaries": BOUNDARIES,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models are dominated by thread hand-offs on a busy 2-core box; one thread is faster and stable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return clusters()
+
+
+@pytest.fixture(scope="module")
+def fitted(data: tuple[np.ndarray, np.ndarray]) -> DLSRDetector:
+    x_id, _ = data
+    return DLSRDetector(t=5, **TINY).fit(x_id[:800])
+
+
+@pytest.mark.parametrize("score", ["mse", "mfsim5", "mfsim4"])
+def test_separates_two_clusters(
+    fitted: DLSRDetector, data: tuple[np.ndarray, np.ndarray], score: str
+) -> None:
+    x_id, x_ood = data
+    assert auroc(fitted.score(x_id[800:], score=score), fitted.score(x_ood, score=score)) > 0.9
+
+
+def test_training_loss_goes_down(fitted: DLSRDetector) -> None:
+    assert len(fitted.history) == 12 and fitted.history[-1] < 0.8 * fitted.history[0]
+    assert fitted.n_train == 800 and fitted.dim == D and fitted.boundaries == BOUNDARIES
+
+
+@pytest.mark.parametrize("n_draws", [1, 2])
+def test_scores_do_not_depend_on_batch_size_or_composition(
+    data: tuple[np.ndarray, np.ndarray], fitted: DLSRDetector, n_draws: int
+) -> None:
+    det = fitted
+    if n_draws != 1:
+        det = DLSRDetector(t=5, n_draws=n_draws, **{**TINY, "epochs": 1}).fit(data[0][:200])
+    x = np.concatenate([data[0][800:900], data[1][:60]])
+    ref = det.score(x, batch_size=64)
+    for bs in (1, 7, 64, 1000):
+        np.testing.assert_allclose(det.score(x, batch_size=bs), ref, rtol=1e-6, atol=0)
+    perm = np.random.default_rng(0).permutation(len(x))
+    np.testing.assert_allclose(det.score(x[perm], batch_size=7)[np.argsort(perm)], ref, rtol=1e-6, atol=0)
+    # Another batch mate changes nothing either; and calling again gives the same numbers.
+    mixed = np.concatenate([x[:5], data[1][200:205]])
+    np.testing.assert_allclose(det.score(mixed)[:5], ref[:5], rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(det.score(x, batch_size=64), ref)
+
+
+def test_every_sample_is_scored_including_the_last_partial_batch(fitted: DLSRDetector) -> None:
+    x = clusters(n_id=301, n_ood=1)[0]
+    s = fitted.score(x, batch_size=100)
+    assert s.shape == (301,) and np.all(np.isfinite(s))
+
+
+def test_score_all_matches_single_scores_and_settings_override(fitted: DLSRDetector, data) -> None:
+    x = data[0][800:850]
+    allv = fitted.score_all(x, t=3)
+    for name in ("mse", "mfsim5", "mfsim4"):
+        np.testing.assert_allclose(allv[name], fitted.score(x, score=name, t=3), rtol=1e-12)
+    assert not np.allclose(fitted.score(x, t=3), fitted.score(x, t=8))
+    one = fitted.score(x, t=8, ddim_steps=1)
+    assert one.shape == (50,) and not np.allclose(one, fitted.score(x, t=8))
+
+
+def test_fit_is_reproducible_and_leaves_the_global_rng_alone(data) -> None:
+    state = torch.random.get_rng_state()
+    a = DLSRDetector(seed=3, dropout=0.1, **{**TINY, "epochs": 2}).fit(data[0][:300])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = DLSRDetector(seed=3, dropout=0.1, **{**TINY, "epochs": 2}).fit(data[0][:300])
+    for (ka, va), (_, vb) in zip(a.state_tensors().items(), b.state_tensors().items(), strict=True):
+        assert torch.equal(va, vb), ka
+
+
+def test_warm_start_continues_from_the_current_weights(data) -> None:
+    det = DLSRDetector(**{**TINY, "epochs": 3}).fit(data[0][:300])
+    first = det.history[-1]
+    before = {k: v.clone() for k, v in det.state_tensors().items()}
+    det.fit(data[0][300:600], warm_start=True, epochs=2, lr=5e-4)
+    assert len(det.history) == 5 and det.n_train == 600
+    assert det.history[3] < det.history[0] and det.history[-1] <= first * 1.2
+    assert any(not torch.equal(before[k], v) for k, v in det.state_tensors().items())
+    with pytest.raises(FeatureWidthError, match="D'=32"):
+        DLSRDetector(**{**TINY, "boundaries": None, "epochs": 1}).fit(data[0][:50]).fit(
+            data[0][:50, :32], warm_start=True
+        )
+
+
+def test_calibrate_and_predict(fitted: DLSRDetector, data) -> None:
+    x_id, x_ood = data
+    det = DLSRDetector(t=5, **TINY)
+    with pytest.raises(NotCalibratedError, match=r"call calibrate\(\) first"):
+        fitted.predict(x_id[:3]) if not fitted.is_calibrated else det.predict(x_id[:3])
+    fitted.calibrate(x_id[800:1000], alpha=0.05)
+    assert fitted.is_calibrated and fitted.alpha == 0.05 and fitted.calibration_scores.shape == (200,)
+    pred = fitted.predict(np.concatenate([x_id[1000:], x_ood]))
+    assert pred.score.shape == pred.p_value.shape == pred.is_ood.shape == (500,)
+    np.testing.assert_array_equal(pred.is_ood, pred.score > pred.threshold)
+    assert pred.is_ood[:200].mean() < 0.15 and pred.is_ood[200:].mean() > 0.8
+    assert np.all((pred.p_value > 0) & (pred.p_value <= 1))
+    with pytest.warns(CalibrationWarning):
+        det2 = DLSRDetector(t=5, **{**TINY, "epochs": 1}).fit(x_id[:100]).calibrate(x_id[100:120], alpha=0.01)
+    assert det2.threshold == float("inf") and not det2.predict(x_ood[:5]).is_ood.any()
+
+
+def test_named_errors_tell_the_fix(fitted: DLSRDetector, data) -> None:
+    x = data[0][:10]
+    fresh = DLSRDetector(**TINY)
+    with pytest.raises(NotFittedError, match=r"call fit\(\) first"):
+        fresh.score(x)
+    with pytest.raises(NotFittedError, match=r"call fit\(\) first"):
+        fresh.save("/nonexistent/never")
+    with pytest.raises(FeatureWidthError, match=r"got D'=32 .* fitted on D=64 features from an unnamed"):
+        fitted.score(x[:, :32])
+    with pytest.raises(FeatureWidthError, match="2-D"):
+        fitted.score(x[0])
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        fitted.calibrate(x, alpha=1.5)
+    with pytest.raises(ValueError, match="unknown score"):
+        DLSRDetector(score="lr")
+    with pytest.raises(ValueError, match="t must be in"):
+        DLSRDetector(t=0)
+    with pytest.raises(ValueError, match="ddim_steps must be in"):
+        DLSRDetector(t=3, ddim_steps=4)
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        DLSRDetector(schedule="foo")
+    with pytest.raises(ValueError, match="needs at least 2 layers"):
+        DLSRDetector(score="mfsim4", boundaries=(0, 64))
+    with pytest.raises(FeatureWidthError, match="boundaries"):
+        DLSRDetector(**TINY).fit(np.zeros((10, 60), dtype=np.float32))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DLSRDetector(boundaries=(0, 8, 8, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        DLSRDetector(**TINY).fit(np.full((10, 64), np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match="exactly one"):
+        fitted.score()
+    with pytest.raises(ValueError, match="no encoder"):
+        fitted.score(images=[Image.new("RGB", (4, 4))])
+
+
+class StubEncoder:
+    """Duck-typed encoder: pixels -> mean colour per channel spread over D dims (deterministic, tiny)."""
+
+    name = "stub"
+    dim = D
+    boundaries = BOUNDARIES
+
+    def __init__(self) -> None:
+        self.proj = torch.randn(3, D, generator=torch.Generator().manual_seed(0))
+
+    def identity(self) -> dict:
+        return {"name": "stub", "weights": {"source": "test"}}
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        arr = np.stack(
+            [np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32) / 255 for im in images]
+        )
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x.mean(dim=(2, 3)) @ self.proj)
+
+    def encode(self, images, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        return self.encode_pixels(self.preprocess(list(images))).numpy()
+
+
+def test_images_and_pixels_go_through_the_encoder() -> None:
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
+    enc = StubEncoder()
+    det = DLSRDetector(enc, **{**TINY, "boundaries": None, "epochs": 1})
+    assert det.boundaries == BOUNDARIES and det.encoder_name == "stub"
+    det.fit(images=imgs[:30])
+    via_images = det.score(images=imgs[30:])
+    via_pixels = det.score_pixels(enc.preprocess(imgs[30:]))
+    np.testing.assert_allclose(via_images, via_pixels, rtol=1e-6)
+    with pytest.raises(FeatureWidthError, match="from encoder stub"):
+        det.score(np.zeros((2, 10), dtype=np.float32))
+    with pytest.raises(FeatureWidthError, match="do not match encoder"):
+        DLSRDetector(enc, boundaries=(0, 64))
+
+
+def test_cuda_request_without_cuda_is_refused() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        DLSRDetector(device="cuda")
