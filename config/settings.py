@@ -141,6 +141,42 @@ class ModelSettings(BaseModel):
     feature_cache: Path = Field(
         Path(".cache/dlsr/features"), description="Directory of cached encoder features"
     )
+    # --- DLSR detector (dlsr.DLSRDetector); defaults are the paper's (METHOD.md section 2) ---------------
+    t: int = Field(5, ge=1, le=100, description="Noise level t of the scorer (paper Fig. 4: 3..10 works best)")
+    ddim_steps: int | None = Field(
+        None, ge=1, description="DDIM steps from t back to 0 (default t; 1 = one direct x0 prediction, fastest)"
+    )
+    n_draws: int = Field(1, ge=1, description="Fixed noise draws averaged per score (each costs a full pass)")
+    eta: float = Field(1.0, ge=0, description="DDIM stochasticity (0 deterministic path, 1 the official sampler)")
+    n_blocks: int = Field(16, ge=1, description="LFDN residual blocks (paper 16; 8 costs ~0.1 AUROC)")
+    width: int | None = Field(None, ge=1, description="LFDN block width W (default 2 x feature dim, the paper)")
+    epochs: int = Field(150, ge=0, description="LFDN training epochs (paper 150; fewer on a CPU-only machine)")
+    train_batch_size: int = Field(256, ge=1, description="LFDN training batch (paper 256)")
+    lr: float | None = Field(None, gt=0, description="AdamW learning rate (default 1e-3 x train_batch_size / 256)")
+    weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay (paper 0.02)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the LFDN weights used for scoring")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the LFDN blocks (training only)")
+    seed: int = Field(0, description="Seeds the LFDN init, training order and the scorer's fixed noise bank")
+
+    def detector_kwargs(self) -> dict:
+        """Keyword arguments for `dlsr.DLSRDetector(encoder, device=..., **kwargs)` from these settings."""
+        return {
+            "score": self.score,
+            "t": self.t,
+            "ddim_steps": self.ddim_steps,
+            "n_draws": self.n_draws,
+            "eta": self.eta,
+            "n_blocks": self.n_blocks,
+            "width": self.width,
+            "epochs": self.epochs,
+            "batch_size": self.train_batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "ema_decay": self.ema_decay,
+            "dropout": self.dropout,
+            "seed": self.seed,
+            "encode_batch_size": self.batch_size,
+        }
 
 
 def _default_instance_id() -> str:
