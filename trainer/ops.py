@@ -86,6 +86,11 @@ class DlsrOps:
             if k in self.kwargs:
                 setattr(warm_from, k, self.kwargs[k])
         warm_from.progress = progress
+        model = getattr(warm_from, "model", None)
+        if model is not None and getattr(warm_from, "_raw", None) is None:
+            # A loaded detector's weights are frozen for scoring; training continues from a copy of them, which
+            # needs gradients (dlsr's warm start copies `model` when it has no raw weights of its own).
+            model.requires_grad_(True)
         return warm_from.fit(features, progress=progress, warm_start=True, epochs=epochs)
 
     def load(self, path: Path) -> Any:
