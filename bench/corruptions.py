@@ -1,0 +1,139 @@
+"""`dlsr bench corruptions`: the data-quality angle. CIFAR-10 test images corrupted by code (dlsr.corruptions)
+are scored against the same images clean; AUROC per corruption and severity, for DLSR and the baselines.
+
+The detectors are fitted on CIFAR-10 train features (one seed). Corrupted copies are cached like any other
+image (keyed by their bytes), so a rerun only scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from bench import common
+from bench.ood import DEFAULT_BLOCKS, DEFAULT_EPOCHS, DEFAULT_T
+
+
+def _names() -> list[str]:
+    # Kept in sync with dlsr.corruptions.CORRUPTIONS (checked in run()); listed here so --help needs no numpy/PIL.
+    return ["gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contrast", "pixelate", "occlusion"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_data_arguments(p)
+    p.add_argument(
+        "--train-size", type=int, default=10000, help="CIFAR-10 train images to fit (default 10000)"
+    )
+    p.add_argument(
+        "--id-size", type=int, default=1000, help="CIFAR-10 test images, each corrupted (default 1000)"
+    )
+    p.add_argument("--corruptions", default=",".join(_names()), help="comma-separated corruption names")
+    p.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default 1..5)")
+    p.add_argument("--methods", default="DLSR-MFsim5,DLSR-MFsim4,DLSR-MSE,kNN,Mahalanobis")
+    p.add_argument("--seed", type=int, default=0, help="seeds the LFDN and the random corruptions")
+    common.add_dlsr_arguments(p, epochs=DEFAULT_EPOCHS, n_blocks=DEFAULT_BLOCKS, t=DEFAULT_T)
+
+
+def run(args: argparse.Namespace, settings: Any = None) -> int:
+    from dlsr.cache import FeatureCache
+    from dlsr.corruptions import CORRUPTIONS, corrupt_batch
+    from dlsr.metrics import auroc
+    from dlsr.readers import array_images, decode_items, open_images
+
+    t_start = time.perf_counter()
+    corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()]
+    unknown = sorted(set(corruptions) - set(CORRUPTIONS))
+    if unknown:
+        print(
+            f"dlsr bench corruptions: unknown corruption(s) {unknown}; choose from {sorted(CORRUPTIONS)}",
+            file=sys.stderr,
+        )
+        return 2
+    severities = [int(s) for s in args.severities.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    root = common.data_dir(args)
+    device = common.resolve_device(args.device)
+    encoder = common.make_encoder(args, settings)
+    cache = FeatureCache(common.cache_dir(args, settings))
+    train = common.load_split(
+        cache,
+        encoder,
+        root / common.ID_SET / "train.zip",
+        limit=args.train_size,
+        seed=0,
+        batch_size=args.batch_size,
+        label="cifar10/train",
+    ).features
+    clean_set = open_images(root / common.ID_SET / "test.zip", limit=args.id_size, seed=0)
+    clean = cache.extract(encoder, clean_set, batch_size=args.batch_size, progress=True)
+    pixels, names, _ = decode_items(it for it in clean_set if it.name in set(clean.names))
+    arr = np.stack([np.asarray(im) for im in pixels])
+
+    dets: dict[str, Any] = {}
+    dlsr_scores = {m: common.DLSR_SCORES[m] for m in methods if m in common.DLSR_SCORES}
+    if dlsr_scores:
+        dets["DLSR"] = common.make_dlsr(args, encoder.boundaries, args.seed, device).fit(train)
+    for m, det in common.make_baselines(args, device).items():
+        if m in methods:
+            dets[m] = det.fit(train)
+
+    def score(x: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        if "DLSR" in dets:
+            s = dets["DLSR"].score_all(x, scores=tuple(dlsr_scores.values()))
+            out |= {m: s[name] for m, name in dlsr_scores.items()}
+        out |= {m: d.score(x) for m, d in dets.items() if m != "DLSR"}
+        return out
+
+    s_clean = score(clean.features)
+    rows, out_rows = [], []
+    for c in corruptions:
+        for sev in severities:
+            bad = corrupt_batch(arr, c, sev, seed=args.seed)
+            res = cache.extract(
+                encoder,
+                array_images(bad, names=[f"{c}{sev}/{n}" for n in names]),
+                batch_size=args.batch_size,
+                progress=True,
+            )
+            s_bad = score(res.features)
+            vals = {m: auroc(s_clean[m], s_bad[m]) for m in methods}
+            rows.append([c, sev] + [f"{100 * vals[m]:.2f}" for m in methods])
+            out_rows.append({"corruption": c, "severity": sev, "auroc": vals})
+            print(
+                f"  {c} {sev}: " + ", ".join(f"{m} {100 * v:.1f}" for m, v in vals.items()),
+                file=sys.stderr,
+                flush=True,
+            )
+    mean_row = ["mean", "all"] + [f"{100 * np.mean([r['auroc'][m] for r in out_rows]):.2f}" for m in methods]
+    wall = time.perf_counter() - t_start
+    print(
+        f"\n### Corrupted vs clean CIFAR-10 test ({len(arr)} images): {encoder.name} @{encoder.input_size}, "
+        f"fit {len(train)} train, LFDN {args.n_blocks} blocks, {args.epochs} epochs, t={args.t}; AUROC %\n"
+    )
+    print(common.markdown_table(["corruption", "severity"] + methods, rows + [mean_row]))
+    print(f"\nWall time {wall / 60:.1f} min on {common.device_name(device)}.")
+    if args.json:
+        common.write_json(
+            args.json,
+            {
+                "rows": out_rows,
+                "meta": {
+                    "encoder": encoder.identity(),
+                    "n_fit": len(train),
+                    "n_images": len(arr),
+                    "epochs": args.epochs,
+                    "n_blocks": args.n_blocks,
+                    "t": args.t,
+                    "seed": args.seed,
+                    "device": common.device_name(device),
+                    "wall_s": wall,
+                    "git_commit": common.git_commit(),
+                },
+            },
+        )
+    return 0

@@ -1,0 +1,193 @@
+"""The benchmark commands end to end on a tiny random backbone and a few real images (speed, not quality)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import common
+from cli.main import main
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32"]
+
+
+@pytest.fixture
+def tiny_args(data_dir, tmp_path):
+    return ["--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), *TINY]
+
+
+def test_bench_ood_json_and_table(tiny_args, tmp_path, capsys):
+    out = tmp_path / "ood.json"
+    rc = main(
+        [
+            "bench",
+            "ood",
+            *tiny_args,
+            "--train-size",
+            "120",
+            "--cal-size",
+            "40",
+            "--id-size",
+            "60",
+            "--ood-size",
+            "60",
+            "--epochs",
+            "1",
+            "--n-blocks",
+            "1",
+            "--seeds",
+            "2",
+            "--knn-k",
+            "5",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| method | OOD set | AUROC %" in printed and "images/s" in printed
+    payload = json.loads(out.read_text())
+    sets = payload["meta"]["ood_sets"]
+    assert "cifar10" not in sets and len(sets) >= 1
+    rows = payload["rows"]
+    assert {r["method"] for r in rows} == set(common.METHODS)
+    assert len(rows) == len(common.METHODS) * (len(sets) + (1 if payload["meta"]["far_ood_sets"] else 0))
+    for r in rows:
+        for k in ("auroc", "fpr95", "aupr_in", "aupr_out", "auroc_std"):
+            assert 0.0 <= r[k] <= 1.0, (r, k)
+    assert payload["meta"]["seeds"] == 2 and payload["meta"]["n_fit"] == 120
+    # a second run hits the feature cache: nothing is encoded again
+    capsys.readouterr()
+    rc = main(
+        [
+            "bench",
+            "ood",
+            *tiny_args,
+            "--train-size",
+            "120",
+            "--cal-size",
+            "40",
+            "--id-size",
+            "60",
+            "--ood-size",
+            "60",
+            "--epochs",
+            "1",
+            "--n-blocks",
+            "1",
+            "--seeds",
+            "1",
+            "--methods",
+            "kNN",
+        ]
+    )
+    assert rc == 0 and "encoded" not in capsys.readouterr().err
+
+
+def test_bench_corruptions(tiny_args, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    rc = main(
+        [
+            "bench",
+            "corruptions",
+            *tiny_args,
+            "--train-size",
+            "80",
+            "--id-size",
+            "20",
+            "--epochs",
+            "1",
+            "--n-blocks",
+            "1",
+            "--corruptions",
+            "gaussian_noise,occlusion",
+            "--severities",
+            "1,5",
+            "--knn-k",
+            "5",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["corruption"], r["severity"]) for r in rows] == [
+        ("gaussian_noise", 1),
+        ("gaussian_noise", 5),
+        ("occlusion", 1),
+        ("occlusion", 5),
+    ]
+    assert all(0.0 <= v <= 1.0 for r in rows for v in r["auroc"].values())
+    assert main(["bench", "corruptions", *tiny_args, "--corruptions", "fog"]) == 2
+
+
+def test_bench_speed(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    rc = main(
+        [
+            "bench",
+            "speed",
+            *TINY,
+            "--batch-sizes",
+            "4,8",
+            "--batches",
+            "1",
+            "--repeats",
+            "1",
+            "--n-blocks",
+            "1",
+            "--t",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [4, 8]
+    assert all(r["encoder_images_per_s"] > 0 and 0 < r["encoder_time_share"] < 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_ablations(tiny_args, tmp_path):
+    out = tmp_path / "a.json"
+    rc = main(
+        [
+            "bench",
+            "ablations",
+            *tiny_args,
+            "--train-size",
+            "80",
+            "--id-size",
+            "30",
+            "--ood-size",
+            "30",
+            "--epochs",
+            "1",
+            "--n-blocks",
+            "1",
+            "--other-blocks",
+            "2",
+            "--t-list",
+            "1,3",
+            "--knn-k",
+            "5",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert {r["t"] for r in res["t_sweep"]} == {1, 3}
+    assert {r["n_blocks"] for r in res["depth"]} == {1, 2}
+    assert any("layer 1 only" in r["variant"] for r in res["layers"])
+
+
+def test_common_helpers(data_dir):
+    assert "cifar10" not in common.ood_set_names(data_dir)
+    a, b = common.split_indices(10, 3, seed=1)
+    assert len(a) == 3 and sorted(np.concatenate([a, b]).tolist()) == list(range(10))
+    assert np.array_equal(a, common.split_indices(10, 3, seed=1)[0])
+    assert common.pm([0.5, 0.7]) == "60.00 ± 10.00" and common.pm([0.25]) == "25.00"
