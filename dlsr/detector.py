@@ -443,6 +443,8 @@ class DLSRDetector(BaseDetector):
         seed: seeds the initial weights, the training order and noise, and the scoring noise bank.
         device: "cpu", "cuda", "cuda:1" or "auto"; on CUDA training runs under bf16 autocast.
         score_amp: also score under bf16 autocast on CUDA (faster, but no longer exactly batch-independent).
+        train_amp: train under bf16 autocast (fp32 master weights); None = on CUDA only. On a CPU with
+            AVX512-BF16 (e.g. this project's EPYC box) True roughly halves the training time.
         min_batch: tiny scoring batches are zero-padded to this many rows so BLAS uses the same kernel for
             every batch size (batch-size-independent float32 scores on CPU).
         boundaries: cumulative layer offsets (0, ..., D) when fitting on features without an encoder.
@@ -476,6 +478,7 @@ class DLSRDetector(BaseDetector):
         seed: int = 0,
         device: str | torch.device = "cpu",
         score_amp: bool = False,
+        train_amp: bool | None = None,
         min_batch: int = 16,
         boundaries: Sequence[int] | None = None,
         score_batch_size: int = 1024,
@@ -518,6 +521,7 @@ class DLSRDetector(BaseDetector):
         self.lr = float(lr) if lr is not None else 1e-3 * batch_size / 256
         self.weight_decay, self.ema_decay = float(weight_decay), float(ema_decay)
         self.warmup_steps, self.seed, self.score_amp = int(warmup_steps), int(seed), bool(score_amp)
+        self.train_amp = train_amp
         if min_batch < 1:
             raise ValueError(f"min_batch must be >= 1; got {min_batch}")
         self.min_batch = int(min_batch)
@@ -580,7 +584,7 @@ class DLSRDetector(BaseDetector):
         ema = ema.to(self.device).eval().requires_grad_(False)
         params = [p for p in raw.parameters()]
         ema_params = [p for p in ema.parameters()]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay, foreach=True)
         steps_per_epoch = math.ceil(n / self.batch_size)
         total = max(1, epochs * steps_per_epoch)
         warmup = self.warmup_steps
@@ -594,7 +598,7 @@ class DLSRDetector(BaseDetector):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         gen_cpu = torch.Generator().manual_seed(self.seed + 1)
         gen_dev = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-        amp = self.device.type == "cuda"
+        amp = self.device.type == "cuda" if self.train_amp is None else bool(self.train_amp)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -749,6 +753,7 @@ class DLSRDetector(BaseDetector):
             "warmup_steps": self.warmup_steps,
             "seed": self.seed,
             "score_amp": self.score_amp,
+            "train_amp": self.train_amp,
             "min_batch": self.min_batch,
             "score_batch_size": self.score_batch_size,
             "encode_batch_size": self.encode_batch_size,
