@@ -580,7 +580,8 @@ class DLSRDetector(BaseDetector):
                 torch.manual_seed(self.seed)
                 raw = self._build(d)
             ema = copy.deepcopy(raw)
-        raw = raw.to(self.device).train()
+        # A loaded (or scoring) model has its gradients switched off: the trained copy needs them back.
+        raw = raw.to(self.device).train().requires_grad_(True)
         ema = ema.to(self.device).eval().requires_grad_(False)
         params = [p for p in raw.parameters()]
         ema_params = [p for p in ema.parameters()]

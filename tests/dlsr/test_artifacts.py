@@ -154,3 +154,12 @@ def test_encoder_identity_is_recorded_and_rebuilt(tmp_path: Path) -> None:
     other = Encoder.create("tf_efficientnet_lite0", weights="random", input_size=64)
     with pytest.raises(ArtifactError, match="input_size"):
         load_detector(path, encoder=other)
+
+
+def test_a_loaded_detector_can_be_warm_started(detector: DLSRDetector, data, tmp_path: Path) -> None:
+    loaded = load_detector(detector.save(tmp_path / "m"))
+    before = {k: v.clone() for k, v in loaded.state_tensors().items()}
+    loaded.fit(data[0][:200], warm_start=True, epochs=1)
+    assert loaded.n_train == 600 and len(loaded.history) == 3 and not loaded.is_calibrated
+    assert any(not torch.equal(before[k], v) for k, v in loaded.state_tensors().items())
+    assert not any(p.requires_grad for p in loaded.model.parameters())  # the scoring copy stays frozen
