@@ -162,6 +162,7 @@ class BaseDetector:
         self.dim: int | None = None
         self.boundaries: tuple[int, ...] | None = check_boundaries(boundaries)
         self._auto_boundaries = False  # True when fit() chose (0, D) because no layout was given
+        self.failures: list[tuple[str, str]] = []  # (name, reason) of images the last call could not decode
         self.encoder_identity: dict | None = None
         self.encoder_name: str | None = None
         self.n_train: int = 0
@@ -237,14 +238,24 @@ class BaseDetector:
             )
         return t.to(device=self.device, dtype=torch.float32)
 
-    def _encode_images(self, images: Iterable[Any], progress: bool) -> np.ndarray:
-        """Images (PIL images, or items with `.data` bytes such as an ImageSet) -> (N, D) features."""
+    def _encode_images(self, images: Iterable[Any], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Images (PIL images, or items with `.data` bytes such as an ImageSet) -> (N, D) features.
+
+        Returns:
+            (features, failed): an undecodable item is not fatal: its row is NaN, `failed` marks it and
+            `self.failures` lists (name, reason) for each one.
+        """
         if self.encoder is None:
             raise ValueError(
                 f"{type(self).__name__} has no encoder: pass encoder= when building it, or features"
             )
+        from dlsr.images import ImageDecodeError, decode_image
+
+        dim = int(self.encoder.dim)
         chunks: list[np.ndarray] = []
         batch: list[Any] = []
+        failed: list[bool] = []
+        self.failures = []
 
         def flush() -> None:
             if batch:
@@ -257,29 +268,37 @@ class BaseDetector:
 
             total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
             it = tqdm(images, total=total, desc=f"encode {self.encoder.name}", unit="img")
-        for item in it:
+        for i, item in enumerate(it):
             if _is_pil(item):
                 batch.append(item)
             elif hasattr(item, "data"):
-                from dlsr.images import decode_image
-
-                batch.append(decode_image(item.data))
+                try:
+                    batch.append(decode_image(item.data))
+                except ImageDecodeError as exc:
+                    self.failures.append((str(getattr(item, "name", i)), exc.reason))
+                    failed.append(True)
+                    continue
             else:
                 raise TypeError(
                     f"images must be PIL images or items with .data bytes; got {type(item).__name__}"
                 )
+            failed.append(False)
             if len(batch) >= self.encode_batch_size * 4:
                 flush()
         flush()
-        if not chunks:
-            return np.empty((0, int(self.encoder.dim)), dtype=np.float32)
-        return np.concatenate(chunks, axis=0)
+        mask = np.asarray(failed, dtype=bool)
+        out = np.full((mask.size, dim), np.nan, dtype=np.float32)
+        if chunks:
+            out[~mask] = np.concatenate(chunks, axis=0)
+        return out, mask
 
     def _inputs(self, features: Any, images: Any, progress: bool, *, fitting: bool) -> Tensor:
         if (features is None) == (images is None):
             raise ValueError("pass exactly one of features (an (N, D) array) or images=")
         if images is not None:
-            features = self._encode_images(images, progress)
+            features, failed = self._encode_images(images, progress)
+            if fitting:  # train on what decoded; `self.failures` names the rest
+                features = features[~failed]
         return self._check_features(features, fitting=fitting)
 
     # -- the public API ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from dlsr.detector import DLSRDetector
 from dlsr.exceptions import CalibrationWarning, FeatureWidthError, NotCalibratedError, NotFittedError
 from dlsr.metrics import auroc
+from dlsr.readers import ImageItem
 from tests.dlsr._synthetic import BOUNDARIES, D, clusters
 
 TINY = {
@@ -193,6 +195,12 @@ class StubEncoder:
         return self.encode_pixels(self.preprocess(list(images))).numpy()
 
 
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_images_and_pixels_go_through_the_encoder() -> None:
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
@@ -203,6 +211,18 @@ def test_images_and_pixels_go_through_the_encoder() -> None:
     via_images = det.score(images=imgs[30:])
     via_pixels = det.score_pixels(enc.preprocess(imgs[30:]))
     np.testing.assert_allclose(via_images, via_pixels, rtol=1e-6)
+    # Undecodable items are reported by name, not fatal: skipped by fit, NaN (flagged) when scored.
+    good = [ImageItem(f"ok{i}", _png(im)) for i, im in enumerate(imgs[:3])]
+    items = [good[0], ImageItem("broken.jpg", b"not an image"), *good[1:]]
+    s = det.score(images=items)
+    assert (
+        np.isnan(s[1])
+        and np.all(np.isfinite(s[[0, 2, 3]]))
+        and det.failures == [("broken.jpg", "not_an_image")]
+    )
+    np.testing.assert_allclose(s[[0, 2, 3]], det.score(images=imgs[:3]), rtol=1e-6)
+    det.fit(images=items + items)
+    assert det.n_train == 6 and len(det.failures) == 2
     with pytest.raises(FeatureWidthError, match="from encoder stub"):
         det.score(np.zeros((2, 10), dtype=np.float32))
     with pytest.raises(FeatureWidthError, match="do not match encoder"):
