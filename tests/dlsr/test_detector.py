@@ -234,3 +234,10 @@ def test_cuda_request_without_cuda_is_refused() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
         DLSRDetector(device="cuda")
+
+
+def test_bf16_training_on_cpu_learns(data) -> None:
+    det = DLSRDetector(train_amp=True, **{**TINY, "epochs": 4}).fit(data[0][:400])
+    assert det.history[-1] < det.history[0]
+    assert next(det.model.parameters()).dtype == torch.float32  # fp32 master weights; scoring stays fp32
+    assert np.all(np.isfinite(det.score(data[1][:10])))
