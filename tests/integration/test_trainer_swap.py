@@ -56,16 +56,28 @@ def _zip_images(path: Path, start: int, n: int) -> list[bytes]:
 class Stream:
     """Produces images to the input topic at a steady rate from a thread; ids img-<i>."""
 
-    def __init__(self, kafka, topic: str, images: list[bytes], rate: float, first: int = 0) -> None:
+    def __init__(
+        self, kafka, topic: str, images: list[bytes], rate: float, first: int = 0, until=None
+    ) -> None:
         from kafka import KafkaProducer
 
         self.producer = KafkaProducer(**kafka.client_kwargs(), acks="all", linger_ms=0)
         self.topic, self.images, self.rate, self.first = topic, images, rate, first
+        self.until = until  # None: send each image once; an Event: cycle through them until it is set
         self.sent: list[str] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    def _items(self):
+        if self.until is None:
+            yield from enumerate(self.images)
+            return
+        i = 0
+        while not self.until.is_set() and i < 20 * len(self.images):
+            yield i, self.images[i % len(self.images)]
+            i += 1
+
     def _run(self) -> None:
-        for i, data in enumerate(self.images):
+        for i, data in self._items():
             iid = f"img-{self.first + i}"
             self.producer.send(
                 self.topic,
@@ -82,7 +94,8 @@ class Stream:
         return self
 
     def join(self) -> None:
-        self.thread.join(120)
+        self.thread.join(600)
+        assert not self.thread.is_alive(), "the producer thread did not finish"
         self.producer.close()
 
 
@@ -208,7 +221,8 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
     mon = Monitor(settings)
     try:
         stream_imgs = _zip_images(data_dir / "cifar10" / "test.zip", 0, 300)
-        stream = Stream(kafka, kafka.input_topic, stream_imgs, rate=25.0).start()
+        enough = threading.Event()  # set once 100 records after the swap are in
+        stream = Stream(kafka, kafka.input_topic, stream_imgs, rate=20.0, until=enough).start()
         scores.wait_for(lambda s: len(s) >= 40, 180, "the first score records (v1)")
 
         # Vetted images arrive on dlsr.vetted; the trainer takes them in and publishes v2 while the stream flows.
@@ -245,7 +259,7 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
         near = [b - a for a, b in zip(times, times[1:], strict=False) if t_swap - 10 <= b <= t_swap + 10]
         gaps.sort()
         print(
-            f"\nSWAP: published {swap_published:.2f}, first v2 record {t_swap:.2f} "
+            f"\nSWAP: {len(stream.sent)} inputs, {len(records)} score records; published {swap_published:.2f}, first v2 record {t_swap:.2f} "
             f"(+{t_swap - swap_published:.2f} s); longest gap within 10 s of the swap {max(near):.3f} s; "
             f"median gap {gaps[len(gaps) // 2]:.3f} s, longest gap anywhere {gaps[-1]:.3f} s"
         )
@@ -261,7 +275,7 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
         reg = Registry(redis_client, keys, settings.model.artifact_store)
         assert reg.rollback(expected="v2").version == "v1"
         more = _zip_images(data_dir / "cifar10" / "test.zip", 300, 120)
-        after = Stream(kafka, kafka.input_topic, more, rate=25.0, first=300).start()
+        after = Stream(kafka, kafka.input_topic, more, rate=25.0, first=100_000).start()
         after.join()
         snap = scores.wait_for(
             lambda s: {r["image_id"] for _, r in s} >= set(after.sent), 240, "rollback scores"
@@ -305,24 +319,25 @@ def test_corrupted_artifact_is_refused_and_v1_keeps_serving(settings, data_dir, 
         first.start().join()
         scores.wait_for(lambda s: len({r["image_id"] for _, r in s}) >= 30, 180, "v1 scores")
         reg.promote(v2.version, expected="v1")
+        # The monitor turns watcher events into alerts between batches, so keep images flowing.
+        second = Stream(
+            kafka, kafka.input_topic, _zip_images(data_dir / "cifar10" / "test.zip", 30, 30), 10.0, 30
+        )
+        second.start()
         snap = alerts.wait_for(
             lambda s: any(r.get("kind") == "model" and r.get("event") == "load_failed" for _, r in s),
             60,
             "a load_failed model alert",
         )
         failed = [r for _, r in snap if r.get("event") == "load_failed"]
-        assert failed[0]["version"] == "v2" and "checksum" in (failed[0].get("reason") or "") + "sha256"
-        second = Stream(
-            kafka, kafka.input_topic, _zip_images(data_dir / "cifar10" / "test.zip", 30, 30), 25.0, 30
-        )
-        second.start().join()
+        assert failed[0]["version"] == "v2" and "sha256 mismatch" in (failed[0].get("reason") or "")
+        second.join()
         snap = scores.wait_for(
             lambda s: len({r["image_id"] for _, r in s}) >= 60, 120, "scores after the refusal"
         )
         assert {r["model_version"] for _, r in snap} == {"v1"}
-        assert (
-            reg.current_version() == "v2"
-        )  # the pointer moved; the monitor refused to follow a bad artifact
+        # The pointer moved; the monitor refused to follow a bad artifact.
+        assert reg.current_version() == "v2"
     finally:
         mon.close()
         scores.close()
