@@ -396,6 +396,8 @@ class BaseDetector:
         elif features is not None or images is not None:
             raise ValueError("pass scores= or features/images to calibrate, not both")
         cal = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if images is not None and self.failures and int(np.isnan(cal).sum()) == len(self.failures):
+            cal = cal[~np.isnan(cal)]  # the undecodable images (named in self.failures), not a broken model
         threshold = conformal_threshold(cal, alpha)  # validates: non-empty, finite
         self.calibration_scores, self.alpha, self.threshold = cal, alpha, threshold
         return self

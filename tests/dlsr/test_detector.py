@@ -221,6 +221,8 @@ def test_images_and_pixels_go_through_the_encoder() -> None:
         and det.failures == [("broken.jpg", "not_an_image")]
     )
     np.testing.assert_allclose(s[[0, 2, 3]], det.score(images=imgs[:3]), rtol=1e-6)
+    det.calibrate(images=items, alpha=0.5)  # the undecodable item is left out of the calibration set
+    assert det.calibration_scores.shape == (3,)
     det.fit(images=items + items)
     assert det.n_train == 6 and len(det.failures) == 2
     with pytest.raises(FeatureWidthError, match="from encoder stub"):
