@@ -97,6 +97,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="Also write the summary as JSON"
     )
+    demo.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="Only produce the three sources into the configured input topic (the compose demo producer)",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -134,5 +139,6 @@ def _demo(args: argparse.Namespace, settings) -> int:
         images=args.images,
         dashboard=not args.no_dashboard,
         json_path=args.json,
+        stream_only=args.stream_only,
     )
     return run_demo(settings, opts)
