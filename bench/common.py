@@ -178,7 +178,9 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def add_dlsr_arguments(p: argparse.ArgumentParser, *, epochs: int | None, n_blocks: int, t: int) -> None:
+def add_dlsr_arguments(
+    p: argparse.ArgumentParser, *, epochs: int | None, n_blocks: int | None, t: int
+) -> None:
     """DLSR hyperparameters (defaults: the validated choice; the paper's values in the help)."""
     g = p.add_argument_group("DLSR")
     g.add_argument(
