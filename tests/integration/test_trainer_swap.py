@@ -72,7 +72,7 @@ class Stream:
             yield from enumerate(self.images)
             return
         i = 0
-        while not self.until.is_set() and i < 20 * len(self.images):
+        while not self.until.is_set() and i < 10 * len(self.images):
             yield i, self.images[i % len(self.images)]
             i += 1
 
@@ -222,7 +222,7 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
     try:
         stream_imgs = _zip_images(data_dir / "cifar10" / "test.zip", 0, 300)
         enough = threading.Event()  # set once 100 records after the swap are in
-        stream = Stream(kafka, kafka.input_topic, stream_imgs, rate=20.0, until=enough).start()
+        stream = Stream(kafka, kafka.input_topic, stream_imgs, rate=10.0, until=enough).start()
         scores.wait_for(lambda s: len(s) >= 40, 180, "the first score records (v1)")
 
         # Vetted images arrive on dlsr.vetted; the trainer takes them in and publishes v2 while the stream flows.
