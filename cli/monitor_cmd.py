@@ -40,7 +40,18 @@ def _monitor(args: argparse.Namespace, settings) -> int:
     }
     if updates:
         settings = settings.model_copy(update={"monitor": settings.monitor.model_copy(update=updates)})
+    import sys
+
+    from redis.exceptions import RedisError
+
+    from monitor.batching import SinkError
     from monitor.service import run_monitor
 
-    run_monitor(settings)
+    try:
+        run_monitor(settings)
+    except (SinkError, RedisError) as exc:
+        # Infrastructure lost mid-run: nothing uncommitted is lost (it is replayed on restart); say so in one line.
+        print(f"dlsr monitor: stopped: {type(exc).__name__}: {exc} (uncommitted input is replayed on restart)",
+              file=sys.stderr)
+        return 1
     return 0
