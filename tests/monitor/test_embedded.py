@@ -1,3 +1,5 @@
+import pytest
+
 from monitor.embedded import (
     EmbeddedRedis,
     TansuBroker,
@@ -6,6 +8,8 @@ from monitor.embedded import (
     free_port,
     redis_reachable,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def test_tansu_starts_answers_metadata_and_stops():

@@ -7,6 +7,8 @@ import pytest
 from config.errors import StartupError
 from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
 
+pytestmark = pytest.mark.integration
+
 
 def test_with_retries_ends_in_one_startup_error_line():
     calls = []
