@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -121,8 +123,13 @@ def test_narrow_and_wide_frames_keep_every_row_on_one_line():
         assert all(len(line) <= width for line in lines)
 
 
-def _tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+# A private tmux server (own socket, no user config), so the test neither sees nor disturbs anyone's sessions.
+SOCKET = f"dlsr-test-{uuid.uuid4().hex[:8]}"
+
+
+def _tmux(*args: str, **kw) -> str:
+    cmd = ["tmux", "-L", SOCKET, "-f", "/dev/null", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, **kw).stdout
 
 
 def _wait_for(predicate, timeout=30.0) -> bool:
@@ -141,10 +148,6 @@ def _screen(session: str) -> str:
         return ""
 
 
-def _alive(session: str) -> bool:
-    return subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("quit_key", ["q", "C-c"])
 def test_live_dashboard_in_tmux(redis_client, keys, redis_url, prefix, quit_key, tmp_path):
@@ -154,10 +157,9 @@ def test_live_dashboard_in_tmux(redis_client, keys, redis_url, prefix, quit_key,
     session = f"dlsr-dash-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLSR_")}
     env.update(DLSR_REDIS__URL=redis_url, DLSR_REDIS__PREFIX=prefix, DLSR_DASHBOARD__REFRESH_S="0.5", TERM="xterm")
-    cmd = f"cd {tmp_path} && {DLSR} dashboard; echo EXITED $? > {tmp_path / 'rc'}"
-    subprocess.run(
-        ["tmux", "new-session", "-d", "-s", session, "-x", "130", "-y", "40", cmd], env=env, check=True
-    )
+    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k.startswith("DLSR_"))
+    cmd = f"cd {tmp_path} && env {assigns} {DLSR} dashboard; echo EXITED $? > {tmp_path / 'rc'}"
+    _tmux("new-session", "-d", "-s", session, "-x", "130", "-y", "40", cmd, env=env)
     try:
         assert _wait_for(lambda: "monitor-a" in _screen(session)), _screen(session)
         screen = _screen(session)
@@ -171,5 +173,5 @@ def test_live_dashboard_in_tmux(redis_client, keys, redis_url, prefix, quit_key,
         assert _wait_for(lambda: (tmp_path / "rc").exists(), timeout=15), _screen(session)
         assert (tmp_path / "rc").read_text().split() in (["EXITED", "0"], ["EXITED", "130"])
     finally:
-        if _alive(session):
-            subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _tmux("kill-server")
