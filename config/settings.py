@@ -302,7 +302,16 @@ class DemoSettings(BaseModel):
     )
     fit_images: int = Field(3000, ge=100, description="CIFAR-10 train images used to fit the quick model")
     stream_images: int = Field(600, ge=10, description="Images streamed per source")
-    input_size: int = Field(128, ge=32, description="Encoder input size used by the demo (smaller is faster)")
+    input_size: int = Field(64, ge=32, description="Encoder input size used by the demo (smaller is faster)")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="False-alarm rate of the demo's model: coarser than production so drift shows in seconds",
+    )
+    rate_img_s: float = Field(
+        30.0, ge=0, description="Images per second the demo sends, all sources together (0 = as fast as scored)"
+    )
     workdir: Path = Field(
         Path(".cache/dlsr/demo"), description="Artifact store and feature cache of the demo"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -54,6 +55,15 @@ def test_unknown_option_is_one_line(path, capsys):
         name = sorted(subparsers(node))[0]
         argv.append(name)
         node = subparsers(node)[name]
+    # Fill the leaf's required arguments, so the unknown option is the only thing wrong.
+    for action in node._actions:
+        if isinstance(action, argparse._SubParsersAction) or action.nargs == 0:
+            continue
+        value = str(action.choices[0]) if action.choices else "1"
+        if not action.option_strings:
+            argv.append(value)
+        elif action.required:
+            argv += [action.option_strings[0], value]
     with pytest.raises(SystemExit) as info:
         code = main([*argv, "--no-such-option"])
         raise SystemExit(code)
