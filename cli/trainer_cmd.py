@@ -129,7 +129,7 @@ def _fit(args: argparse.Namespace, settings: Any) -> int:
             quick = settings.model_copy(
                 update={"kafka": settings.kafka.model_copy(update={"connect_retries": 1})}
             )
-            service = build_service(quick, intake=True, progress=not args.quiet)
+            service = build_service(quick, intake=False, alerts=True, progress=not args.quiet)
         except Exception as exc:  # no broker: publish anyway, say the alert is not sent
             if type(exc).__name__ != "StartupError" or "Redis" in str(exc):
                 raise

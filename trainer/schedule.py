@@ -173,9 +173,17 @@ class TrainerService:
 
 
 def build_service(
-    settings: Any, *, intake: bool = True, progress: bool = True, ops: Any | None = None
+    settings: Any,
+    *,
+    intake: bool = True,
+    alerts: bool | None = None,
+    progress: bool = True,
+    ops: Any | None = None,
 ) -> TrainerService:
     """Wire a TrainerService from `config.Settings` (Redis, registry, store, dlsr ops, Kafka intake and alerts).
+
+    `intake`: consume the vetted topic (the service; `dlsr trainer fit` must not join the service's group).
+    `alerts`: send `model` alerts to Kafka (default: same as `intake`).
 
     Raises StartupError when Redis or Kafka is unreachable after the configured retries.
     """
@@ -193,7 +201,8 @@ def build_service(
     alpha = model.alpha
     on_alert = None
     source = None
-    if intake:
+    alerts = intake if alerts is None else alerts
+    if intake or alerts:
         import functools
 
         from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
@@ -212,15 +221,17 @@ def build_service(
                 kafka, [kafka.vetted_topic, kafka.alerts_topic], partitions=kafka.topic_partitions
             )
         )
-        sink = retry(lambda: KafkaSink(kafka))
-        source = retry(lambda: KafkaSource(kafka, kafka.vetted_topic, tr.group_id))
+        if intake:
+            source = retry(lambda: KafkaSource(kafka, kafka.vetted_topic, tr.group_id))
+        if alerts:
+            sink = retry(lambda: KafkaSink(kafka))
 
-        def on_alert(alert: Any) -> None:
-            from monitor.contract import alert_to_json
+            def on_alert(alert: Any) -> None:
+                from monitor.contract import alert_to_json
 
-            sink.send(kafka.alerts_topic, alert.source.encode(), alert.to_bytes())
-            sink.flush(30.0)
-            state.push_alert(alert_to_json(alert))
+                sink.send(kafka.alerts_topic, alert.source.encode(), alert.to_bytes())
+                sink.flush(30.0)
+                state.push_alert(alert_to_json(alert))
 
     ctx = JobContext(
         redis=redis,
