@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 ID_SOURCE, OOD_SOURCE, CORRUPT_SOURCE = "cam-id", "cam-ood", "cam-corrupt"
 SOURCES = (ID_SOURCE, OOD_SOURCE, CORRUPT_SOURCE)
 OOD_SETS = ("tiny_imagenet", "mnist")
-#: Corruptions streamed from cam-corrupt, at their strongest severity (a camera that broke, not a mild drift).
-CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "pixelate")
+#: What cam-corrupt sends once it breaks: code-made corruptions (dlsr.corruptions) stacked at their strongest
+#: severity, a camera that failed (washed out, noisy, out of focus) rather than a mild drift.
+CORRUPTIONS = (
+    ("contrast", "gaussian_noise"),
+    ("gaussian_noise", "gaussian_noise"),
+    ("contrast", "contrast"),
+    ("pixelate", "gaussian_blur", "contrast"),
+)
 CORRUPT_SEVERITY = 5
 #: The share of each source's stream that is clean CIFAR-10 before cam-ood and cam-corrupt switch.
 CLEAN_SHARE = 0.3
@@ -62,10 +68,12 @@ class DemoOptions:
     quick: bool = False
     images: int = 600  # per source
     fit_images: int = 3000
-    input_size: int = 128
-    epochs: int = 25
+    input_size: int = 64
+    epochs: int = 20
     blocks: int = 4  # a small LFDN: the demo shows the product, `dlsr bench ood` measures the method
     width: int = 512
+    alpha: float = 0.05
+    rate_img_s: float = 30.0  # 0 = as fast as the monitor scores
     dashboard: bool = True
     json_path: Path | None = None
     stream_only: bool = False
@@ -93,6 +101,8 @@ class DemoOptions:
             images=demo.stream_images,
             fit_images=demo.fit_images,
             input_size=demo.input_size,
+            alpha=demo.alpha,
+            rate_img_s=demo.rate_img_s,
             dashboard=dashboard,
             json_path=json_path,
             stream_only=stream_only,
@@ -100,8 +110,7 @@ class DemoOptions:
         )
         if quick:
             # Small enough for the test suite, large enough that every source's drift window fills.
-            opts.images, opts.fit_images, opts.input_size = 150, 800, 64
-            opts.epochs, opts.blocks, opts.width = 10, 2, 256
+            opts.images, opts.fit_images, opts.epochs, opts.rate_img_s = 150, 1000, 12, 0.0
         if images is not None:
             opts.images = images
         return opts
@@ -211,9 +220,11 @@ def build_stream(data: DemoData, per_source: int, *, seed: int = 0) -> list[Stre
     rng = np.random.default_rng(seed)
     for j in range(per_source - clean):
         it = next(ids)
-        name = CORRUPTIONS[j % len(CORRUPTIONS)]
-        arr = np.asarray(Image.open(io.BytesIO(it.data)).convert("RGB"), dtype=np.uint8)
-        bad = corrupt(arr, name, CORRUPT_SEVERITY, rng=rng)
+        names = CORRUPTIONS[j % len(CORRUPTIONS)]
+        name = "+".join(names)
+        bad = np.asarray(Image.open(io.BytesIO(it.data)).convert("RGB"), dtype=np.uint8)
+        for one in names:
+            bad = corrupt(bad, one, CORRUPT_SEVERITY, rng=rng)
         streams[CORRUPT_SOURCE].append(
             StreamItem(CORRUPT_SOURCE, f"{CORRUPT_SOURCE}/{clean + j}/{name}", _png(bad), f"corrupt:{name}")
         )
@@ -291,15 +302,28 @@ def _follow_outputs(kafka: Any, tally: Tally, stop: threading.Event, ready: thre
         consumer.close()
 
 
-def produce(kafka: Any, items: list[StreamItem], tally: Tally | None, stop: threading.Event, max_inflight: int) -> int:
-    """Send `items` to the input topic (headers source, image_id, ts); with a tally, keep at most
-    `max_inflight` messages unscored so the dashboard shows the present, not a backlog."""
+def produce(
+    kafka: Any,
+    items: list[StreamItem],
+    tally: Tally | None,
+    stop: threading.Event,
+    max_inflight: int,
+    rate_img_s: float = 0.0,
+) -> int:
+    """Send `items` to the input topic (headers source, image_id, ts) at `rate_img_s` (0 = no pacing); with a
+    tally, keep at most `max_inflight` messages unscored so the dashboard shows the present, not a backlog."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(linger_ms=5, acks="all", **kafka.client_kwargs())
     sent = 0
+    t0 = time.monotonic()
     try:
         for item in items:
+            if rate_img_s > 0:
+                ahead = t0 + sent / rate_img_s - time.monotonic()
+                if ahead > 0:
+                    producer.flush()
+                    stop.wait(ahead)
             while tally is not None and sent - tally.total() >= max_inflight and not stop.is_set():
                 time.sleep(0.05)
             if stop.is_set():
@@ -347,7 +371,7 @@ def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: 
     order = rng.permutation(len(feats))
     n_cal = max(200, len(feats) // 4)
     fit_x, cal_x = feats[order[n_cal:]], feats[order[:n_cal]]
-    console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {m.alpha})")
+    console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {opts.alpha})")
     detector = DLSRDetector(
         encoder,
         score=m.score,
@@ -359,13 +383,13 @@ def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: 
         boundaries=encoder.boundaries,
     )
     detector.fit(fit_x, progress=True)
-    detector.calibrate(cal_x, alpha=m.alpha)
+    detector.calibrate(cal_x, alpha=opts.alpha)
     with tempfile.TemporaryDirectory(prefix="dlsr-demo-model-") as tmp:
         path = detector.save(Path(tmp) / "model")
         entry = registry.publish(
             path,
             threshold=float(detector.threshold),
-            alpha=float(m.alpha),
+            alpha=float(opts.alpha),
             data_sizes={"fit": int(len(fit_x)), "calibration": int(n_cal)},
             extra={"made_by": "dlsr demo"},
         )
@@ -405,12 +429,15 @@ class DemoSummary:
     stream_s: float
     total_s: float
     started: dict[str, str]
+    run_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
-def _demo_settings(settings: Any, bootstrap: str, redis_url: str, run_id: str, workdir: Path) -> Any:
+def _demo_settings(
+    settings: Any, bootstrap: str, redis_url: str, run_id: str, workdir: Path, alpha: float
+) -> Any:
     """The settings the demo's monitor runs with: its own topics, key prefix and fast windows."""
     tag = f"demo-{run_id}"
     kafka = settings.kafka.model_copy(
@@ -447,6 +474,7 @@ def _demo_settings(settings: Any, bootstrap: str, redis_url: str, run_id: str, w
             "artifact_store": workdir / "artifacts",
             "feature_cache": workdir / "features",
             "device": str(resolve_device(settings.model.device)),  # 'auto' resolved once, for every part
+            "alpha": alpha,
         }
     )
     return settings.model_copy(update={"kafka": kafka, "redis": redis, "monitor": monitor, "model": model})
@@ -480,7 +508,9 @@ def _flagged(images: int, ood: int, drift: int, alpha: float) -> bool:
     return drift > 0
 
 
-def summarise(tally: Tally, *, sent: int, alpha: float, model: dict, times: dict, started: dict) -> DemoSummary:
+def summarise(
+    tally: Tally, *, sent: int, alpha: float, model: dict, times: dict, started: dict, run_id: str = ""
+) -> DemoSummary:
     with tally.lock:
         rows = []
         for src in SOURCES:
@@ -502,6 +532,7 @@ def summarise(tally: Tally, *, sent: int, alpha: float, model: dict, times: dict
             stream_s=times.get("stream_s", 0.0),
             total_s=times.get("total_s", 0.0),
             started=started,
+            run_id=run_id,
         )
 
 
@@ -555,12 +586,20 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
     """`dlsr demo`: returns 0 when the summary shows what it should (ID ok, OOD and corrupted flagged)."""
     console = console or Console()
     t_start = time.perf_counter()
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM unwinds like Ctrl-C, so the broker and Redis the demo started are stopped either way.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
     data = resolve_data(opts.id_data, opts.ood_data)
     if opts.stream_only:
         return _stream_only(settings, opts, data, console)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(settings, opts, data, console, t_start)
+    # SIGTERM unwinds like Ctrl-C, so the broker and Redis the demo started are stopped either way.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(settings, opts, data, console, t_start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
 
     import redis as redis_lib
 
@@ -576,7 +615,7 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
     times: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         bootstrap, redis_url, started = _start_servers(settings, stack, console)
-        cfg = _demo_settings(settings, bootstrap, redis_url, run_id, opts.workdir)
+        cfg = _demo_settings(settings, bootstrap, redis_url, run_id, opts.workdir, opts.alpha)
         client = redis_lib.Redis.from_url(cfg.redis.url, **cfg.redis.client_kwargs())
         keys = Keys(cfg.redis.prefix)
         stack.callback(client.close)
@@ -630,7 +669,7 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
 
         def producer_main() -> None:
             try:
-                sent_box[0] = produce(k, stream, tally, stop, opts.max_inflight)
+                sent_box[0] = produce(k, stream, tally, stop, opts.max_inflight, opts.rate_img_s)
             finally:
                 produced.set()
 
@@ -670,7 +709,7 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
             console.print(render(snapshot()))
         times["total_s"] = time.perf_counter() - t_start
         summary = summarise(
-            tally, sent=sent_box[0], alpha=cfg.model.alpha, model=model, times=times, started=started
+            tally, sent=sent_box[0], alpha=opts.alpha, model=model, times=times, started=started, run_id=run_id
         )
     print_summary(summary, console)
     if opts.json_path:
@@ -712,6 +751,6 @@ def _stream_only(settings: Any, opts: DemoOptions, data: DemoData, console: Cons
         fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
     )
     stream = build_stream(data, opts.images)
-    sent = produce(k, stream, None, threading.Event(), opts.max_inflight)
+    sent = produce(k, stream, None, threading.Event(), opts.max_inflight, opts.rate_img_s)
     console.print(f"sent {sent} images to {k.input_topic} at {k.bootstrap_servers} from {', '.join(SOURCES)}")
     return 0
