@@ -95,3 +95,27 @@ def test_quick_demo_end_to_end(data_dir, test_settings, redis_client, tmp_path):
     assert summary["run_id"]
     assert not list(redis_client.scan_iter(f"demo-{summary['run_id']}:*", count=1000))
     assert Path(tmp_path / "demo" / "features").is_dir()  # features cached for the next run
+
+
+@pytest.mark.integration
+def test_stream_only_feeds_the_configured_topic(data_dir, test_settings):
+    """`dlsr demo --stream-only` (the compose producer): the three sources land on the input topic with headers."""
+    from kafka import KafkaConsumer
+
+    opts = DemoOptions.from_settings(
+        test_settings, id_data=data_dir / "cifar10", ood_data=data_dir, images=10, stream_only=True
+    )
+    opts.rate_img_s = 0.0
+    assert run_demo(test_settings, opts, console=Console(record=True)) == 0
+    kafka = test_settings.kafka
+    consumer = KafkaConsumer(
+        kafka.input_topic, auto_offset_reset="earliest", consumer_timeout_ms=5000, **kafka.client_kwargs()
+    )
+    try:
+        records = list(consumer)
+    finally:
+        consumer.close()
+    assert len(records) == 30
+    sources = Counter(dict(r.headers)["source"].decode() for r in records)
+    assert sources == {ID_SOURCE: 10, OOD_SOURCE: 10, CORRUPT_SOURCE: 10}
+    assert all(dict(r.headers).get("image_id") and dict(r.headers).get("ts") for r in records)
