@@ -15,6 +15,7 @@ REJECTED = "rejected"  # a gate failed; candidate kept for inspection
 FAILED = "failed"  # an error stopped the job
 SKIPPED = "skipped"  # nothing to do (no new data, lock held elsewhere)
 CONFLICT = "conflict"  # gates passed but the pointer moved meanwhile
+ABANDONED = "abandoned"  # the trainer died mid-job; found by the next lock holder
 
 
 def _s(v: Any) -> str:
@@ -117,6 +118,20 @@ class JobHistory:
         for j in ids:
             pipe.hgetall(self.keys.trainer_job(j))
         return [JobRecord.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def close_abandoned(self, by: str) -> list[str]:
+        """Mark jobs still 'running' as abandoned. Call only while holding the job lock: then no job runs, so a
+        'running' record belongs to a trainer that died (its lock expired). Returns their ids."""
+        closed = []
+        for rec in self.recent(50):
+            if rec.outcome == RUNNING:
+                rec.outcome = ABANDONED
+                rec.message = (
+                    f"the trainer ({rec.owner or 'unknown'}) stopped mid-job; its lock expired; found by {by}"
+                )
+                self.save(rec)
+                closed.append(rec.job_id)
+        return closed
 
     def last_start(self, outcomes: tuple[str, ...] | None = None) -> float | None:
         """Start time of the newest job (optionally only with one of `outcomes`)."""

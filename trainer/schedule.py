@@ -106,6 +106,9 @@ class TrainerService:
         try:
             # Consume the requests this job answers, under the lock, so a second trainer cannot answer them too.
             self.redis.delete(self.keys.trainer_trigger())
+            assert self.ctx.history is not None
+            for job_id in self.ctx.history.close_abandoned(self.owner):
+                log.warning("job %s was abandoned by a trainer that died mid-job", job_id)
             taken = self.new_vetted()
             rec = run_job(self.ctx, trigger, lock=lock, progress=self.progress)
             if taken:

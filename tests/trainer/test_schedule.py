@@ -15,7 +15,7 @@ from PIL import Image
 
 from monitor.batching import Message
 from monitor.hotswap import ModelWatcher
-from trainer.history import PROMOTED
+from trainer.history import ABANDONED, PROMOTED, JobRecord
 from trainer.intake import VettedIntake
 from trainer.schedule import MANUAL, NEW_VETTED, SCHEDULE, TrainerService, request_run
 
@@ -90,15 +90,19 @@ def test_trainer_killed_mid_job_lock_expires_and_next_job_runs(ctx):
         time.sleep(1.5)  # renewals keep it past its TTL while alive
         svc = service(ctx)
         assert svc.run_once(MANUAL) is None
+        ctx.history.save(JobRecord(job_id="dead-job", trigger="manual", start=time.time(), owner="dead"))
         proc.kill()
         proc.wait(10)
+        killed = time.time()
         t0 = time.monotonic()
         rec = None
         while rec is None and time.monotonic() - t0 < 5:
             rec = svc.run_once(MANUAL)
             time.sleep(0.05)
         assert rec is not None and rec.outcome == PROMOTED
-        assert time.monotonic() - t0 <= 1.5  # within one TTL of the death
+        assert rec.start - killed <= 1.5  # the next job started within one TTL (1 s) of the death
+        dead = ctx.history.get("dead-job")
+        assert dead.outcome == ABANDONED and "stopped mid-job" in dead.message
     finally:
         proc.kill()
         proc.wait(10)
