@@ -300,7 +300,7 @@ class DemoSettings(BaseModel):
     ood_data: Path | None = Field(
         None, description="Folder holding OOD sets (tiny_imagenet/, mnist/; default: ../shared/data)"
     )
-    fit_images: int = Field(3000, ge=100, description="CIFAR-10 train images used to fit the quick model")
+    fit_images: int = Field(2000, ge=100, description="CIFAR-10 train images used to fit the quick model")
     stream_images: int = Field(600, ge=10, description="Images streamed per source")
     input_size: int = Field(64, ge=32, description="Encoder input size used by the demo (smaller is faster)")
     alpha: float = Field(

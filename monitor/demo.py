@@ -69,7 +69,7 @@ class DemoOptions:
     images: int = 600  # per source
     fit_images: int = 3000
     input_size: int = 64
-    epochs: int = 20
+    epochs: int = 15
     blocks: int = 4  # a small LFDN: the demo shows the product, `dlsr bench ood` measures the method
     width: int = 512
     alpha: float = 0.05
@@ -591,12 +591,13 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
         return _stream_only(settings, opts, data, console)
     if threading.current_thread() is not threading.main_thread():
         return _run(settings, opts, data, console, t_start)
-    # SIGTERM unwinds like Ctrl-C, so the broker and Redis the demo started are stopped either way.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C, so what the demo started is stopped either way.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run(settings, opts, data, console, t_start)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
