@@ -121,7 +121,7 @@ def summarise_source(
 ) -> SourceView:
     """Rate, OOD rate and sparkline of one source from its event-time buckets and drift hash."""
     rate_span = max(RATE_WINDOW_S, 2 * bucket_s)
-    recent = [b for b in buckets if now - b.start < rate_span]
+    recent = [b for b in buckets if now - b.start < rate_span and b.images]
     recent_n = sum(b.images for b in recent)
     recent_o = sum(b.ood for b in recent)
     elapsed = max(bucket_s, now - min((b.start for b in recent), default=now))

@@ -430,6 +430,7 @@ class DemoSummary:
     total_s: float
     started: dict[str, str]
     run_id: str = ""
+    rate_img_s: float = 0.0  # the producer's pacing (0 = as fast as scored)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -509,7 +510,15 @@ def _flagged(images: int, ood: int, drift: int, alpha: float) -> bool:
 
 
 def summarise(
-    tally: Tally, *, sent: int, alpha: float, model: dict, times: dict, started: dict, run_id: str = ""
+    tally: Tally,
+    *,
+    sent: int,
+    alpha: float,
+    model: dict,
+    times: dict,
+    started: dict,
+    run_id: str = "",
+    rate_img_s: float = 0.0,
 ) -> DemoSummary:
     with tally.lock:
         rows = []
@@ -533,6 +542,7 @@ def summarise(
             total_s=times.get("total_s", 0.0),
             started=started,
             run_id=run_id,
+            rate_img_s=rate_img_s,
         )
 
 
@@ -547,7 +557,9 @@ def print_summary(summary: DemoSummary, console: Console) -> None:
     console.print(table)
     console.print(
         f"images scored {summary.images_scored}/{summary.images_sent}, drift alerts raised {summary.drift_alerts}, "
-        f"OOD alerts {summary.ood_alerts}, throughput {summary.throughput_img_s:.1f} images/s "
+        f"OOD alerts {summary.ood_alerts}, throughput {summary.throughput_img_s:.1f} images/s"
+        + (f" (sent at {summary.rate_img_s:g}/s)" if summary.rate_img_s else " (unpaced)")
+        + " "
         f"(model {summary.model_version}, threshold {summary.threshold:.4g}, alpha {summary.alpha:g})"
     )
     console.print(
@@ -710,7 +722,8 @@ def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_s
             console.print(render(snapshot()))
         times["total_s"] = time.perf_counter() - t_start
         summary = summarise(
-            tally, sent=sent_box[0], alpha=opts.alpha, model=model, times=times, started=started, run_id=run_id
+            tally, sent=sent_box[0], alpha=opts.alpha, model=model, times=times, started=started, run_id=run_id,
+            rate_img_s=opts.rate_img_s,
         )
     print_summary(summary, console)
     if opts.json_path:
