@@ -72,7 +72,7 @@ class Stream:
             yield from enumerate(self.images)
             return
         i = 0
-        while not self.until.is_set() and i < 10 * len(self.images):
+        while not self.until.is_set() and i < 60 * len(self.images):
             yield i, self.images[i % len(self.images)]
             i += 1
 
@@ -239,6 +239,7 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
         assert rec is not None and rec.outcome == "promoted", rec.message
         assert (rec.version, rec.parent, rec.data_sizes["warm_start"]) == ("v2", "v1", 1)
         swap_published = time.time()
+        print(f"\nv2 job: {rec.duration_s:.1f} s, parts {rec.timings}")
 
         stream.join()
         snap = scores.wait_for(
