@@ -95,3 +95,67 @@ def test_fit_list_jobs_promote_rollback(env, data_dir, tmp_path):
     assert dlsr(env, "trainer", "trigger").returncode == 0
     r = dlsr(env, "trainer", "fit", "--data", str(tmp_path / "missing"))
     assert r.returncode == 1 and "not found" in r.stderr
+
+
+def test_service_takes_in_vetted_runs_on_trigger_and_stops_on_sigterm(
+    env, data_dir, tmp_path, redis_client, keys
+):
+    import signal
+    import time
+
+    from kafka import KafkaProducer
+
+    folder = tmp_path / "imgs"
+    with zipfile.ZipFile(data_dir / "cifar10" / "train.zip") as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))
+        for n in names[:300]:
+            (folder / n).parent.mkdir(parents=True, exist_ok=True)
+            (folder / n).write_bytes(zf.read(n))
+        vetted = [zf.read(n) for n in names[300:320]]
+    assert dlsr(env, "trainer", "fit", "--data", str(folder), "--quiet").returncode == 0
+
+    env = {**env, "DLSR_TRAINER__POLL_S": "0.3", "DLSR_TRAINER__MIN_NEW_VETTED": "1000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "--log-level", "INFO"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seeded = redis_client.llen(keys.baseline("v1"))  # calibration + held-out scores of v1, from the fit
+    assert seeded > 0
+    try:
+        producer = KafkaProducer(bootstrap_servers=env["DLSR_KAFKA__BOOTSTRAP_SERVERS"], acks="all")
+        for data in vetted:
+            producer.send(env["DLSR_KAFKA__VETTED_TOPIC"], value=data)
+        producer.send(env["DLSR_KAFKA__VETTED_TOPIC"], value=b"not an image")
+        producer.flush(30)
+        producer.close()
+        deadline = time.monotonic() + 240
+        while int(redis_client.get(keys.vetted_new()) or 0) < 20 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert int(redis_client.get(keys.vetted_new()) or 0) == 20  # the bad message is refused, not counted
+        # the live model scored the new vetted images into its baseline reservoir
+        while redis_client.llen(keys.baseline("v1")) < seeded + 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert redis_client.llen(keys.baseline("v1")) == seeded + 20
+
+        assert dlsr(env, "trainer", "trigger").returncode == 0
+        while time.monotonic() < deadline:
+            jobs = [json.loads(x) for x in dlsr(env, "jobs", "--json").stdout.splitlines()]
+            if jobs and jobs[0]["trigger"] == "manual" and jobs[0]["outcome"] != "running":
+                break
+            time.sleep(1.0)
+        assert jobs[0]["trigger"] == "manual" and jobs[0]["outcome"] == "promoted", jobs[0]
+        assert jobs[0]["data_sizes"]["total"] == 320 and jobs[0]["version"] == "v2"
+        assert int(redis_client.get(keys.vetted_new()) or 0) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(60)
+        finally:
+            proc.kill()
+            err = proc.stderr.read()
+            proc.stderr.close()
+    assert rc == 0, err[-2000:]
