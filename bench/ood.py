@@ -18,14 +18,17 @@ import numpy as np
 from bench import common
 
 # Chosen on the validation split (bench/validate.py: held-out CIFAR-10 classes and code-made corruptions of
-# held-out train images as OOD), never on the test OOD sets. See bench/results/validation.md.
+# held-out train images as OOD), never on the test OOD sets; see bench/results/validation.md. There, t = 2 was
+# the best or within 0.3 AUROC points of the best for every score, and 10 epochs beat 5 by 3-4 points on the
+# held-out-class proxy, so longer training pays: the full run trains for 30 epochs (the paper's 150 do not fit
+# 2 CPU cores) with the paper's depth and width.
 DEFAULT_EPOCHS = 30
 DEFAULT_BLOCKS = 16
-DEFAULT_T = 5
+DEFAULT_T = 2
 
-# --quick: subsets and a smaller, shorter LFDN (8 blocks of width D instead of 16 of width 2D, 5 epochs), so
+# --quick: subsets and a smaller, shorter LFDN (8 blocks of width D instead of 16 of width 2D, 10 epochs), so
 # the whole run, encoding from a cold cache included, stays within 15 minutes on 2 CPU cores.
-QUICK = {"train_size": 4000, "cal_size": 1000, "id_size": 2000, "ood_size": 2000, "epochs": 5, "n_blocks": 8}
+QUICK = {"train_size": 4000, "cal_size": 1000, "id_size": 2000, "ood_size": 2000, "epochs": 10, "n_blocks": 8}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
