@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so pip takes the local wheels on the dev machines; elsewhere pip downloads them as usual.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: venv install system-deps test test-fast demo lint settings-table bench-ood bench-quick clean
 

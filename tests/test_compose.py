@@ -142,3 +142,10 @@ def test_dockerfile_and_env_example_name_only_real_settings(monkeypatch):
     for key in names:
         section, _, field = key.removeprefix("DLSR_").lower().partition("__")
         assert field in Settings.model_fields[section].annotation.model_fields, key
+
+
+def test_monitor_healthcheck_reads_the_real_heartbeat_key():
+    from monitor.keys import Keys
+
+    check = " ".join(_load("docker-compose.yml")["services"]["monitor"]["healthcheck"]["test"])
+    assert f"'{Keys(Settings().redis.prefix).heartbeats()}'" in check
