@@ -274,7 +274,9 @@ def load_detector(
     if encoder is not None:
         _check_encoder(encoder, manifest, path)
     elif manifest.get("encoder") and rebuild_encoder:
-        encoder = _rebuild_encoder(manifest["encoder"], device)
+        from dlsr.detector import resolve_device  # "auto" -> a concrete device the encoder understands
+
+        encoder = _rebuild_encoder(manifest["encoder"], resolve_device(device))
     cls = kinds[kind]
     hyper = dict(manifest.get("hyperparameters") or {})
     boundaries = layout.get("boundaries") or None

@@ -145,7 +145,7 @@ def test_encoder_identity_is_recorded_and_rebuilt(tmp_path: Path) -> None:
     det = DLSRDetector(enc, n_blocks=1, width=32, epochs=1, progress=False).fit(feats)
     path = det.save(tmp_path / "m")
     assert read_manifest(path)["encoder"] == enc.identity()
-    loaded = load_detector(path)
+    loaded = load_detector(path, device="auto")
     assert loaded.encoder is not None and loaded.encoder.identity() == enc.identity()
     x = enc.preprocess([Image.new("RGB", (32, 32), (200, 10, 10))])
     np.testing.assert_array_equal(loaded.score_pixels(x), det.score_pixels(x))

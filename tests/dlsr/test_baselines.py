@@ -82,3 +82,11 @@ def test_baseline_errors(data) -> None:
     det = KNNDetector(k=3, progress=False).fit(x[:20])
     with pytest.raises(FeatureWidthError, match="D'=8"):
         det.score(x[:2, :8])
+
+
+def test_knn_warm_start_extends_the_bank(data) -> None:
+    x = data[0]
+    det = KNNDetector(k=5, progress=False).fit(x[:100])
+    det.fit(x[100:300], warm_start=True)
+    assert det.bank.shape == (300, x.shape[1]) and det.n_train == 300
+    np.testing.assert_allclose(det.score(x[300:320]), _brute_knn(x[:300], x[300:320], 5), atol=1e-5)
