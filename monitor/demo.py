@@ -110,7 +110,7 @@ class DemoOptions:
         )
         if quick:
             # Small enough for the test suite, large enough that every source's drift window fills.
-            opts.images, opts.fit_images, opts.epochs, opts.rate_img_s = 150, 1000, 12, 0.0
+            opts.images, opts.fit_images, opts.epochs, opts.blocks, opts.rate_img_s = 150, 1000, 12, 2, 0.0
         if images is not None:
             opts.images = images
         return opts
