@@ -8,9 +8,10 @@ What it does:
 3. Bare scorer: `encoder.preprocess`d batches through `detector.score_pixels` in this process, at the same batch
    size and input size as the service (median of repeats, measured before and after the service run).
 4. Service: `python -m monitor` as its own process. A producer process offers load into the input topic:
-   saturated phase at 2x the bare scorer's rate (a backlog builds; the monitor runs flat out for about --duration
-   s) -> pipeline images/s = the backlog's drain rate from the score records' broker timestamps, and the
-   monitor's RSS sampled every 2 s; then, after the backlog drains, a latency phase at
+   saturated phase for --duration s in which the producer keeps 4 batches waiting in the topic (the monitor never
+   idles) -> pipeline images/s from the score records' broker timestamps, the monitor's own time inside
+   `score_pixels` (from its heartbeat: scorer images/s inside the service and the fraction of wall time spent
+   scoring), and the monitor's RSS sampled every 2 s; then, after the backlog drains, a latency phase at
    50% of the measured pipeline rate -> p50/p99 end-to-end latency (input timestamp -> score record timestamp).
 5. Prints one JSON object: scorer_img_s, pipeline_img_s, ratio, latency_p50_ms, latency_p99_ms, device,
    batch_size, input_size, rss_mb (start/end/max/growth_pct), and the counts behind each number.
@@ -49,8 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---- producer process ------------------------------------------------------------------------------------
 def _produce(bootstrap: str, topic: str, payloads: list[bytes], rate: float, duration: float, tag: str,
-             done: Any) -> None:
-    """Offer `rate` messages/s for `duration` s (ids `<tag>-<n>`); puts the count sent on `done`."""
+             done: Any, scored: Any = None, backlog: int = 0) -> None:
+    """Offer `rate` messages/s for `duration` s (ids `<tag>-<n>`); puts the count sent on `done`.
+
+    With `scored` (a shared counter of score records seen) it saturates instead: it keeps `backlog` messages
+    waiting in the topic at all times, whatever the monitor's speed.
+    """
     from kafka import KafkaProducer
 
     p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=256 * 1024)
@@ -60,7 +65,7 @@ def _produce(bootstrap: str, topic: str, payloads: list[bytes], rate: float, dur
         now = time.monotonic() - t0
         if now >= duration:
             break
-        due = int(now * rate) + 1
+        due = int(now * rate) + 1 if scored is None else scored.value + backlog
         while n < due:
             p.send(topic, value=payloads[n % len(payloads)], key=b"bench",
                    headers=[("image_id", f"{tag}-{n}".encode()), ("source", b"bench")])
@@ -71,10 +76,13 @@ def _produce(bootstrap: str, topic: str, payloads: list[bytes], rate: float, dur
     done.put(n)
 
 
-def _offer(bootstrap: str, topic: str, payloads: list[bytes], rate: float, duration: float, tag: str):
+def _offer(bootstrap: str, topic: str, payloads: list[bytes], rate: float, duration: float, tag: str,
+           scored: Any = None, backlog: int = 0):
     ctx = mp.get_context("spawn")
     done = ctx.Queue()
-    proc = ctx.Process(target=_produce, args=(bootstrap, topic, payloads, rate, duration, tag, done), daemon=True)
+    proc = ctx.Process(
+        target=_produce, args=(bootstrap, topic, payloads, rate, duration, tag, done, scored, backlog), daemon=True
+    )
     proc.start()
     return proc, done
 
@@ -115,6 +123,16 @@ class _ScoreTap:
         self._c.close()
 
 
+def _beat(r: Any, keys: Any) -> dict[str, float]:
+    """The bench monitor's heartbeat counters (scored images, seconds inside score_pixels, time)."""
+    for name in r.zrange(keys.heartbeats(), 0, -1):
+        h = {k.decode(): v.decode() for k, v in r.hgetall(keys.heartbeat(name.decode())).items()}
+        if h:
+            return {"scored": float(h.get("scored", 0)), "score_s": float(h.get("score_s", 0)),
+                    "batches": float(h.get("batches", 0)), "ts": float(h.get("ts", 0))}
+    return {"scored": 0.0, "score_s": 0.0, "batches": 0.0, "ts": time.time()}
+
+
 def _rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -136,14 +154,19 @@ def _wait_count(tap: _ScoreTap, tag: str, n: int, timeout: float, proc: subproce
 
 
 # ---- the bare scorer ------------------------------------------------------------------------------------
-def _bare_scorer(det: Any, images: list, batch_size: int, repeats: int = 3, min_s: float = 8.0) -> float:
+def _bare_scorer(det: Any, images: list, batch_size: int, repeats: int = 3, min_s: float = 8.0,
+                 warm_s: float = 10.0) -> float:
     """Images/s of detector.score_pixels on preprocessed batches (median over repeats of >= min_s each)."""
     import torch
 
     x = det.encoder.preprocess(images[:batch_size])
     rates = []
     with torch.inference_mode():
-        det.score_pixels(x)  # warm-up (allocations, oneDNN kernels)
+        # Warm-up: the first ~10 s of a process score at half speed (oneDNN kernels, heap growth); the
+        # monitor is long past that when it is measured, so the bare scorer must be too.
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < warm_s:
+            det.score_pixels(x)
         for _ in range(repeats):
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < min_s:
@@ -179,6 +202,11 @@ def _data(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace, settings: Any) -> int:
+    from monitor.service import limit_heap_growth
+
+    # The same allocator setting as the monitor process, so the bare scorer is timed under equal conditions
+    # (on this machine glibc's default per-thread arenas make torch's CPU scoring markedly slower).
+    limit_heap_growth()
     import redis
 
     from dlsr.detector import load_detector, resolve_device
@@ -225,6 +253,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
             "DLSR_MONITOR__BATCH_MAX": str(batch_size), "DLSR_MONITOR__INSTANCE_ID": f"bench-{tag}",
             "DLSR_MONITOR__BATCH_WAIT_MS": str(settings.monitor.batch_wait_ms),
             "DLSR_MONITOR__DECODE_THREADS": str(settings.monitor.decode_threads),
+            "DLSR_MONITOR__HEARTBEAT_S": "1",
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         })
         log_path = work / "monitor.log"
@@ -239,32 +268,40 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         proc.join(120)
         _wait_count(tap, "warm", done.get(timeout=10), 300, monitor_proc)
 
-        # Saturated phase: the producer offers 2x the bare scorer's rate for 60% of --duration, so a backlog
-        # builds and the monitor runs flat out for about --duration s while its RSS is sampled.
-        offered = 2.0 * scorer_before
-        print(f"saturated phase: offering {offered:.1f} img/s for {0.6 * args.duration:.0f} s ...", file=sys.stderr)
-        proc, done = _offer(bootstrap, topics["input"], payloads, offered, 0.6 * args.duration, "sat")
+        # Saturated phase: the producer keeps 4 batches waiting in the topic for --duration s, so the monitor
+        # never idles; its RSS is sampled every 2 s and its own scoring time read from its heartbeat.
+        print(f"saturated phase: {args.duration:.0f} s with a standing backlog ...", file=sys.stderr)
+        scored = mp.get_context("spawn").Value("q", tap.count("sat"))
+        proc, done = _offer(bootstrap, topics["input"], payloads, 0.0, args.duration, "sat", scored, 4 * batch_size)
         rss: list[tuple[float, float]] = []
         t0 = time.monotonic()
-        sent_sat: int | None = None
-        deadline = t0 + args.duration * 6 + 300
-        while sent_sat is None or tap.count("sat") < sent_sat:
+        beat0: dict | None = None
+        next_rss = t0
+        while proc.is_alive():
             if monitor_proc.poll() is not None:
                 raise RuntimeError(f"the monitor exited with {monitor_proc.returncode} (log: {log_path})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"saturated phase: only {tap.count('sat')}/{sent_sat} records scored")
-            value = _rss_mb(monitor_proc.pid)
-            if value is not None:
-                rss.append((time.monotonic() - t0, value))
-            if sent_sat is None and not proc.is_alive():
-                sent_sat = done.get(timeout=10)
-            time.sleep(2.0)
-        # Capacity = the drain rate of the backlog, from the score records' broker timestamps; the first
-        # batches are skipped (they raced the producer's start).
-        stamps = sorted(ts for ts, _, _ in tap.of("sat"))
-        skip = min(2 * batch_size, len(stamps) // 10)
-        span_s = (stamps[-1] - stamps[skip]) / 1000.0
-        pipeline = (len(stamps) - 1 - skip) / span_s if span_s > 0 else float("nan")
+            scored.value = tap.count("sat")
+            if beat0 is None and scored.value >= 2 * batch_size:
+                beat0 = _beat(r, keys)  # after the first batches (they raced the producer's start)
+                stamp0 = time.time() * 1000.0
+            if time.monotonic() >= next_rss:
+                value = _rss_mb(monitor_proc.pid)
+                if value is not None:
+                    rss.append((time.monotonic() - t0, value))
+                next_rss += 2.0
+            time.sleep(0.1)
+        beat1 = _beat(r, keys)
+        stamp1 = time.time() * 1000.0
+        sent_sat = done.get(timeout=10)
+        _wait_count(tap, "sat", sent_sat, 600, monitor_proc)  # drain the backlog before the next phase
+        # Capacity = score records between the two heartbeat reads, by their broker timestamps.
+        stamps = sorted(ts for ts, _, _ in tap.of("sat") if stamp0 <= ts <= stamp1)
+        pipeline = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000.0) if len(stamps) > 1 else float("nan")
+        in_scored = beat1["scored"] - beat0["scored"]
+        in_score_s = beat1["score_s"] - beat0["score_s"]
+        scorer_in_process = in_scored / in_score_s if in_score_s > 0 else float("nan")
+        mean_batch = in_scored / max(1.0, beat1["batches"] - beat0["batches"])
+        busy_fraction = in_score_s / ((beat1["ts"] - beat0["ts"]) or float("nan"))
         scorer_after = _bare_scorer(det, images, batch_size)
         scorer = statistics.mean([scorer_before, scorer_after])
 
@@ -292,7 +329,9 @@ def run(args: argparse.Namespace, settings: Any) -> int:
             "batch_size": batch_size,
             "input_size": input_size,
             "scorer_img_s_before_after": [round(scorer_before, 2), round(scorer_after, 2)],
-            "offered_img_s": round(offered, 2),
+            "scorer_in_monitor_img_s": round(scorer_in_process, 2),
+            "monitor_scoring_fraction": round(busy_fraction, 3),
+            "monitor_mean_batch": round(mean_batch, 1),
             "saturated_s": round(rss[-1][0], 1) if rss else None,
             "saturated_records": len(stamps),
             "latency_rate_img_s": round(rate, 2),

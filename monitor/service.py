@@ -14,6 +14,7 @@ anywhere replays the uncommitted batches: outputs at least once with determinist
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import queue
@@ -358,11 +359,19 @@ class MonitorService:
                 model_version=handle.version if handle else None,
                 rate=rate,
                 lag=self.source.lag(),
-                extra={"scored": self.stats.scored, "dead": self.stats.dead, "group": self.group},
+                extra={
+                    "scored": self.stats.scored,
+                    "dead": self.stats.dead,
+                    "messages": self.stats.messages,
+                    "batches": self.stats.batches,
+                    "score_s": round(self.stats.score_s, 3),
+                    "group": self.group,
+                },
             )
         except Exception as exc:  # liveness is best effort; the stream must go on
             log.warning("heartbeat failed: %s", exc)
         self._last_beat, self._beat_count = now, self.stats.messages
+        _trim_heap()
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _collect(self) -> list[Message]:
@@ -416,6 +425,36 @@ class MonitorService:
         self.sink.close()
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def limit_heap_growth() -> None:
+    """Linux/glibc: at most 2 malloc arenas. Batches are built on worker threads and freed on the scoring
+    thread; with one arena per thread the freed space is scattered and RSS creeps up over hours."""
+    try:
+        libc = _glibc()
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except Exception:  # not glibc: nothing to tune
+        pass
+
+
+def _trim_heap() -> None:
+    # Hand freed heap pages back to the OS (glibc keeps them otherwise): keeps RSS flat at a steady rate.
+    try:
+        libc = _glibc()
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except Exception:
+        pass
+
+
 def install_signal_handlers(stop: threading.Event) -> None:
     """SIGTERM / SIGINT set `stop`: the loop finishes the batch in flight, commits and returns."""
 
@@ -453,8 +492,6 @@ def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_si
 
     Raises StartupError (one line) when Kafka or Redis is unreachable after the configured retries.
     """
-    import functools
-
     from monitor.hotswap import ModelWatcher
     from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
     from monitor.keys import Keys
@@ -462,6 +499,7 @@ def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_si
     stop = stop or threading.Event()
     if handle_signals:
         install_signal_handlers(stop)
+        limit_heap_growth()  # only when we own the process
     kafka, mon = settings.kafka, settings.monitor
     redis_client = connect_redis(settings.redis)
     keys = Keys(settings.redis.prefix)
