@@ -164,13 +164,26 @@ class MonitorService:
             except Exception as exc:  # a decoder bug must not stop the stream: dead-letter it, say what
                 prep.dead[i] = ("decode_failed", f"{type(exc).__name__}: {exc}")
         if images:
+            import torch
+
             encoder = handle.detector.encoder
             # Preprocess in chunks on the decode threads (encoder.preprocess is thread-safe).
             n = max(1, math.ceil(len(images) / self.cfg.decode_threads))
             chunks = [images[i : i + n] for i in range(0, len(images), n)]
-            import torch
-
-            prep.pixels = torch.cat(list(self._pool.map(encoder.preprocess, chunks)))
+            try:
+                prep.pixels = torch.cat(list(self._pool.map(encoder.preprocess, chunks)))
+            except Exception:
+                # One image the decoder accepted but the preprocessing cannot take: find it, dead-letter it,
+                # keep the rest of the batch.
+                tensors, good = [], []
+                for i, im in zip(prep.good, images, strict=True):
+                    try:
+                        tensors.append(encoder.preprocess([im]))
+                        good.append(i)
+                    except Exception as exc:
+                        prep.dead[i] = ("preprocess_failed", f"{type(exc).__name__}: {exc}")
+                prep.good = good
+                prep.pixels = torch.cat(tensors) if tensors else None
         return prep
 
     # ---- thresholds -----------------------------------------------------------------------------------

@@ -201,3 +201,20 @@ def test_model_events_become_model_alerts(make_service):
     alert = parse_alert(sink.on("alerts")[0].value)
     assert (alert.kind, alert.event, alert.version, alert.previous_version) == ("model", "load_failed", "9", "7")
     assert "sha256" in alert.reason
+
+
+def test_an_image_the_preprocessing_rejects_is_a_dead_letter_not_a_crash(make_service):
+    class PickyEncoder(BrightnessEncoder):
+        def preprocess(self, images):
+            if any(np.asarray(im).mean() > 200 for im in images):
+                raise ValueError("cannot preprocess this one")
+            return super().preprocess(images)
+
+    det = BrightnessDetector()
+    det.encoder = PickyEncoder()
+    sink = MemorySink()
+    make_service(MemorySource(_stream([(0, "dark", "a")] * 5 + [(0, "bright", "a")])), sink, detector=det).run(
+        threading.Event(), until_idle=True
+    )
+    assert len(sink.on("scores")) == 5
+    assert dict(sink.on("dlq")[0].headers)[DLQ_ERROR] == b"preprocess_failed"
