@@ -240,10 +240,11 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
         assert (rec.version, rec.parent, rec.data_sizes["warm_start"]) == ("v2", "v1", 1)
         swap_published = time.time()
         print(f"\nv2 job: {rec.duration_s:.1f} s, parts {rec.timings}")
-
+        scores.wait_for(lambda s: sum(r["model_version"] == "v2" for _, r in s) >= 100, 240, "100 v2 records")
+        enough.set()
         stream.join()
         snap = scores.wait_for(
-            lambda s: {r["image_id"] for _, r in s} >= set(stream.sent), 240, "all 300 scores"
+            lambda s: {r["image_id"] for _, r in s} >= set(stream.sent), 240, "every score record"
         )
         records = [r for _, r in snap]
         _check_exactly_once(records, stream.sent)
