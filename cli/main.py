@@ -54,6 +54,11 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # argparse would report the missing COMMAND first; the unknown option is the real mistake.
+        print(f"dlsr: error: unrecognized arguments: {argv[0]} (see 'dlsr --help')", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Name the subcommand whose --help lists the valid options, in one line.
