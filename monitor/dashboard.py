@@ -117,7 +117,7 @@ def summarise_source(
     now: float,
     bucket_s: float,
     history_s: float,
-    bins: int = 30,
+    bins: int = 60,
 ) -> SourceView:
     """Rate, OOD rate and sparkline of one source from its event-time buckets and drift hash."""
     rate_span = max(RATE_WINDOW_S, 2 * bucket_s)
@@ -275,8 +275,19 @@ def alert_line(alert: dict) -> str:
     return f"{when} {severity_of(alert):8s} {kind:5s} {src}: {what}"
 
 
-def render(snap: Snapshot) -> RenderableType:
-    """The frame for one snapshot; rich lays it out for whatever width the terminal has now."""
+def downsample(values: tuple[float | None, ...], n: int) -> tuple[float | None, ...]:
+    """Merge adjacent bins into `n` (mean of those with data), keeping the newest bin last."""
+    if len(values) <= n:
+        return values
+    out: list[float | None] = []
+    for i in range(n):
+        chunk = [v for v in values[i * len(values) // n : (i + 1) * len(values) // n] if v is not None]
+        out.append(sum(chunk) / len(chunk) if chunk else None)
+    return tuple(out)
+
+
+def render(snap: Snapshot, width: int = 120) -> RenderableType:
+    """The frame for one snapshot, laid out for a terminal `width` columns wide."""
     now_txt = datetime.fromtimestamp(snap.taken_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     head = Text()
     head.append("DLSR Monitor", style="bold")
@@ -290,31 +301,39 @@ def render(snap: Snapshot) -> RenderableType:
     if snap.error:
         head.append(f"\n{snap.error}", style="bold red")
 
+    # Narrow terminals drop the columns a reader can do without and shorten the sparkline, rather than crop it
+    # (cropping would cut off the newest minutes).
+    wide = width >= 100
+    bins = 30 if width >= 120 else 20 if width >= 90 else 12
     src = Table(box=box.SIMPLE_HEAD, expand=True, title="Sources", title_justify="left", pad_edge=False)
     src.add_column("source", no_wrap=True, overflow="ellipsis", ratio=2)
     src.add_column("img/s", justify="right", no_wrap=True)
     src.add_column("OOD rate", justify="right", no_wrap=True)
     src.add_column("vs alpha", justify="right", no_wrap=True)
     src.add_column("drift", no_wrap=True)
-    src.add_column("images", justify="right", no_wrap=True)
-    src.add_column("OOD rate, last hour", no_wrap=True, overflow="crop", ratio=3, min_width=8)
+    if wide:
+        src.add_column("images", justify="right", no_wrap=True)
+    src.add_column("last hour" if width < 90 else "OOD rate, last hour", no_wrap=True, min_width=bins)
     for s in snap.sources:
         ratio = (s.ood_rate / snap.alpha) if (s.ood_rate is not None and snap.alpha) else None
         style = (
             "bold red" if s.drift == "raised" else ("yellow" if ratio is not None and ratio > 2 else "green")
         )
-        src.add_row(
+        spark = downsample(s.spark, bins)
+        row = [
             s.source,
             f"{s.rate_img_s:.1f}",
             _pct(s.ood_rate),
             "-" if ratio is None else f"{ratio:.1f}x",
             Text(s.drift.upper() if s.drift == "raised" else s.drift, style=style),
-            str(s.total_images),
-            # Scale to at least 5 x alpha, so an in-distribution source reads low instead of filling the cell.
-            Text(sparkline(s.spark, top=_spark_top(s.spark, snap.alpha)), style=style),
-        )
+        ]
+        if wide:
+            row.append(str(s.total_images))
+        # Scale to at least 5 x alpha, so an in-distribution source reads low instead of filling the cell.
+        row.append(Text(sparkline(spark, top=_spark_top(spark, snap.alpha)), style=style))
+        src.add_row(*row)
     if not snap.sources:
-        src.add_row("(no sources seen in the last hour)", "", "", "", "", "", "")
+        src.add_row("(no sources seen in the last hour)", *[""] * (len(src.columns) - 1))
 
     mon = Table(box=box.SIMPLE_HEAD, expand=True, title="Monitors", title_justify="left", pad_edge=False)
     mon.add_column("instance", no_wrap=True, overflow="ellipsis", ratio=2)
@@ -333,14 +352,12 @@ def render(snap: Snapshot) -> RenderableType:
     if not snap.monitors:
         mon.add_row("(no live monitor)", "", "", "", "")
 
-    lines = Text()
-    for i, a in enumerate(snap.alerts):
-        if i:
-            lines.append("\n")
-        lines.append(alert_line(a), style=_SEV_STYLE.get(severity_of(a), ""))
-    if not snap.alerts:
-        lines.append("(no alerts yet)", style="dim")
-    alerts = Panel(lines, title="Last alerts", title_align="left", box=box.SQUARE)
+    # One line per alert, cut with an ellipsis: a wrapped alert would push the others off a small screen.
+    lines = [
+        Text(alert_line(a), style=_SEV_STYLE.get(severity_of(a), ""), no_wrap=True, overflow="ellipsis")
+        for a in snap.alerts
+    ] or [Text("(no alerts yet)", style="dim")]
+    alerts = Panel(Group(*lines), title="Last alerts", title_align="left", box=box.SQUARE)
     footer = Text("q or Ctrl-C quits", style="dim")
     return Group(head, src, mon, alerts, footer)
 
@@ -402,7 +419,7 @@ def live_loop(
         with (
             _quit_on_q(stop),
             Live(
-                render(snapshot()),
+                render(snapshot(), console.size.width),
                 console=console,
                 screen=console.is_terminal,
                 auto_refresh=False,
@@ -417,7 +434,7 @@ def live_loop(
                 wake.clear()
                 if stop.is_set():
                     break
-                live.update(render(snapshot()), refresh=True)
+                live.update(render(snapshot(), console.size.width), refresh=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -465,7 +482,7 @@ def run_dashboard(
 
     console = console or Console()
     if once:
-        console.print(render(snapshot()))
+        console.print(render(snapshot(), console.size.width))
         return 0
     live_loop(snapshot, refresh_s=refresh_s or dash.refresh_s, duration_s=duration_s, console=console)
     return 0

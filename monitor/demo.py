@@ -719,7 +719,7 @@ def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_s
         if monitor_error:
             raise StartupError(f"the demo's monitor stopped: {monitor_error[0]}")
         if opts.dashboard:
-            console.print(render(snapshot()))
+            console.print(render(snapshot(), console.size.width))
         times["total_s"] = time.perf_counter() - t_start
         summary = summarise(
             tally, sent=sent_box[0], alpha=opts.alpha, model=model, times=times, started=started, run_id=run_id,

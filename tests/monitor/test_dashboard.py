@@ -39,6 +39,13 @@ def test_sparkline_scales_and_leaves_gaps():
     assert sparkline((0.1,), top=0.2) == "▅"
 
 
+def test_downsample_keeps_the_newest_bin_last():
+    from monitor.dashboard import downsample
+
+    assert downsample((0.0, 0.2, None, None, 0.4, 0.6), 3) == (0.1, None, 0.5)
+    assert downsample((0.1, 0.2), 5) == (0.1, 0.2)
+
+
 def test_bin_buckets_puts_old_on_the_left():
     now = 3600.0
     buckets = [WindowBucket(60.0, 10, 0, 0.0, 0), WindowBucket(3540.0, 10, 5, 0.0, 0)]
@@ -118,7 +125,7 @@ def test_narrow_and_wide_frames_keep_every_row_on_one_line():
     )
     for width in (60, 200):
         console = Console(record=True, width=width)
-        console.print(render(snap))
+        console.print(render(snap, width))
         lines = console.export_text().splitlines()
         assert all(len(line) <= width for line in lines)
 
