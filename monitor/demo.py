@@ -613,7 +613,6 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
 
 
 def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
-
     import redis as redis_lib
 
     from monitor.dashboard import live_loop, read_snapshot, render
@@ -646,12 +645,12 @@ def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_s
         k = cfg.kafka
         ensure_topics(k, [k.input_topic, k.scores_topic, k.alerts_topic, k.dlq_topic], partitions=1)
         stop = threading.Event()
-        stack.callback(stop.set)
         tally = Tally()
         ready = threading.Event()
         follower = threading.Thread(target=_follow_outputs, args=(k, tally, stop, ready), daemon=True)
         follower.start()
         stack.callback(follower.join, 10)
+        stack.callback(stop.set)  # callbacks run last-in first-out: stop, then join
 
         # The monitor: the same wiring as `dlsr monitor`, in a thread of this process.
         monitor_stop = threading.Event()
