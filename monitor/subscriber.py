@@ -121,6 +121,12 @@ def follow_alerts(
     consumer = (consumer_factory or make_consumer)(
         kafka_settings, group_id=group_id, from_beginning=from_beginning
     )
+    if out is sys.stdout and sys.stderr.isatty():  # a hint for a person; pipes and tests stay clean
+        where = "from the beginning" if from_beginning else "new alerts only"
+        print(
+            f"following {kafka_settings.alerts_topic} at {kafka_settings.bootstrap_servers} ({where}); Ctrl-C stops",
+            file=sys.stderr,
+        )
     printed = 0
     last_seen = time.monotonic()
     try:
