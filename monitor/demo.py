@@ -687,6 +687,11 @@ def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_s
 
         times["stream_start"] = time.time()
         console.print(f"[bold]stream[/] {len(stream)} images from {', '.join(SOURCES)} (run {run_id})")
+        if not (opts.dashboard and console.is_terminal):
+            console.print(
+                f"[dim]watch it: DLSR_REDIS__URL={cfg.redis.url} DLSR_REDIS__PREFIX={cfg.redis.prefix} "
+                "dlsr dashboard[/]"
+            )
         producer = threading.Thread(target=producer_main, name="dlsr-demo-producer", daemon=True)
         producer.start()
 
