@@ -184,10 +184,16 @@ def add_dlsr_arguments(
     """DLSR hyperparameters (defaults: the validated choice; the paper's values in the help)."""
     g = p.add_argument_group("DLSR")
     g.add_argument(
-        "--epochs", type=int, default=epochs, help=f"LFDN training epochs (default {epochs}; paper 150)"
+        "--epochs",
+        type=int,
+        default=epochs,
+        help=f"LFDN training epochs (default {epochs if epochs is not None else '30, --quick 10'}; paper 150)",
     )
     g.add_argument(
-        "--n-blocks", type=int, default=n_blocks, help=f"LFDN residual blocks (default {n_blocks}; paper 16)"
+        "--n-blocks",
+        type=int,
+        default=n_blocks,
+        help=f"LFDN residual blocks (default {n_blocks if n_blocks is not None else '16, --quick 8'}; paper 16)",
     )
     g.add_argument("--width", type=int, default=None, help="LFDN width (default 2D, the paper's)")
     g.add_argument("--t", type=int, default=t, help=f"noise level of the score (default {t}; paper 3..10)")
