@@ -133,7 +133,10 @@ class ModelSettings(BaseModel):
     input_size: int | None = Field(None, description="Encoder input size; default from the backbone's config")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     batch_size: int = Field(64, ge=1, description="Images per encoder/scorer batch")
-    score: Literal["mse", "mfsim5", "mfsim4"] = Field("mfsim5", description="Reconstruction score")
+    score: Literal["mse", "mfsim5", "mfsim4"] = Field(
+        "mfsim4",
+        description="Reconstruction score: mfsim4 (layers 2..5) won on the validation split; mfsim5 is the paper's",
+    )
     alpha: float = Field(0.01, gt=0, lt=1, description="Target false-alarm rate of the conformal threshold")
     artifact_store: Path = Field(
         Path("artifacts"), description="Content-addressed directory of model artifacts"
@@ -142,7 +145,9 @@ class ModelSettings(BaseModel):
         Path(".cache/dlsr/features"), description="Directory of cached encoder features"
     )
     # --- DLSR detector (dlsr.DLSRDetector); defaults are the paper's (METHOD.md section 2) ---------------
-    t: int = Field(5, ge=1, le=100, description="Noise level t of the scorer (paper Fig. 4: 3..10 works best)")
+    t: int = Field(
+        2, ge=1, le=100, description="Noise level t of the scorer (t = 1..2 best on our validation split; paper: 3..10)"
+    )
     ddim_steps: int | None = Field(
         None, ge=1, description="DDIM steps from t back to 0 (default t; 1 = one direct x0 prediction, fastest)"
     )

@@ -40,7 +40,10 @@ class DlsrOps:
             device=self.device,
         )
         self.cache = FeatureCache(model.feature_cache)
-        self.kwargs = {"score": model.score, **(detector_kwargs or {})}
+        # DLSR_MODEL__* knobs first, then TrainerSettings.detector overrides (e.g. a smaller LFDN for CPU refits).
+        # Unset knobs (None) keep the detector's own defaults.
+        base = {k: v for k, v in model.detector_kwargs().items() if v is not None}
+        self.kwargs = {**base, **(detector_kwargs or {})}
         self.refit_epochs = refit_epochs
         self.last_encoded = 0
 
