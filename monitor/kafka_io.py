@@ -36,6 +36,18 @@ def with_retries(
     raise StartupError(f"{what} at {where} unreachable after {retries} tries: {detail}{'; ' + fix if fix else ''}")
 
 
+def kafka_retry(kafka: Any, connect: Callable[[], T]) -> T:
+    """`with_retries` with the start-up retry policy of `KafkaSettings` (used by the monitor and the trainer)."""
+    return with_retries(
+        connect,
+        what="Kafka",
+        where=kafka.bootstrap_servers,
+        retries=kafka.connect_retries,
+        backoff_s=kafka.retry_backoff_s,
+        fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
+    )
+
+
 def _kwargs(kafka: Any) -> dict:
     if isinstance(kafka, str):
         return {"bootstrap_servers": [s.strip() for s in kafka.split(",") if s.strip()]}

@@ -506,7 +506,8 @@ def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_si
     Raises StartupError (one line) when Kafka or Redis is unreachable after the configured retries.
     """
     from monitor.hotswap import ModelWatcher
-    from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
+    from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics
+    from monitor.kafka_io import kafka_retry as kafka_retry_policy
     from monitor.keys import Keys
 
     stop = stop or threading.Event()
@@ -517,14 +518,7 @@ def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_si
     redis_client = connect_redis(settings.redis)
     keys = Keys(settings.redis.prefix)
     state = MonitorState.from_settings(redis_client, keys, mon)
-    kafka_retry = functools.partial(
-        with_retries,
-        what="Kafka",
-        where=kafka.bootstrap_servers,
-        retries=kafka.connect_retries,
-        backoff_s=kafka.retry_backoff_s,
-        fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
-    )
+    kafka_retry = functools.partial(kafka_retry_policy, kafka)
     kafka_retry(
         lambda: ensure_topics(
             kafka,

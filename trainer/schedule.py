@@ -208,17 +208,10 @@ def build_service(
     if intake or alerts:
         import functools
 
-        from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
+        from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, kafka_retry
 
         kafka = settings.kafka
-        retry = functools.partial(
-            with_retries,
-            what="Kafka",
-            where=kafka.bootstrap_servers,
-            retries=kafka.connect_retries,
-            backoff_s=kafka.retry_backoff_s,
-            fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
-        )
+        retry = functools.partial(kafka_retry, kafka)
         retry(
             lambda: ensure_topics(
                 kafka, [kafka.vetted_topic, kafka.alerts_topic], partitions=kafka.topic_partitions
