@@ -63,36 +63,10 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
     encoder = common.make_encoder(args, settings)
     cache = FeatureCache(common.cache_dir(args, settings))
     ood_names = common.ood_set_names(root)
-    train = common.load_split(
-        cache,
-        encoder,
-        root / common.ID_SET / "train.zip",
-        limit=args.train_size,
-        seed=0,
-        batch_size=args.batch_size,
-        label="cifar10/train",
-    ).features
-    id_x = common.load_split(
-        cache,
-        encoder,
-        root / common.ID_SET / "test.zip",
-        limit=args.id_size,
-        seed=0,
-        batch_size=args.batch_size,
-        label="cifar10/test",
-    ).features
-    ood = {
-        n: common.load_split(
-            cache,
-            encoder,
-            root / n / "test.zip",
-            limit=args.ood_size,
-            seed=0,
-            batch_size=args.batch_size,
-            label=f"{n}/test",
-        ).features
-        for n in ood_names
-    }
+    load = common.dataset_loader(args, cache, encoder, root)
+    train = load(common.ID_SET, "train", args.train_size).features
+    id_x = load(common.ID_SET, "test", args.id_size).features
+    ood = {n: load(n, "test", args.ood_size).features for n in ood_names}
     b = encoder.boundaries
     results: dict[str, Any] = {"t_sweep": [], "layers": [], "depth": []}
 

@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,23 @@ def ood_set_names(root: Path) -> list[str]:
 class Split:
     features: np.ndarray
     names: list[str]
+
+
+def dataset_loader(args: Any, cache: Any, encoder: Any, root: Path) -> Callable[[str, str, int | None], Split]:
+    """`load(dataset, split, limit)`: features of `root/dataset/split.zip` (seed-0 subset, `args.batch_size`)."""
+
+    def load(dataset: str, split: str, limit: int | None) -> Split:
+        return load_split(
+            cache,
+            encoder,
+            root / dataset / f"{split}.zip",
+            limit=limit,
+            seed=0,
+            batch_size=args.batch_size,
+            label=f"{dataset}/{split}",
+        )
+
+    return load
 
 
 def load_split(

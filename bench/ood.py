@@ -120,36 +120,10 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
     )
 
     n_pool = None if args.train_size is None else args.train_size + args.cal_size
-    pool = common.load_split(
-        cache,
-        encoder,
-        root / common.ID_SET / "train.zip",
-        limit=n_pool,
-        seed=0,
-        batch_size=args.batch_size,
-        label="cifar10/train",
-    )
-    id_test = common.load_split(
-        cache,
-        encoder,
-        root / common.ID_SET / "test.zip",
-        limit=args.id_size,
-        seed=0,
-        batch_size=args.batch_size,
-        label="cifar10/test",
-    )
-    ood = {
-        name: common.load_split(
-            cache,
-            encoder,
-            root / name / "test.zip",
-            limit=args.ood_size,
-            seed=0,
-            batch_size=args.batch_size,
-            label=f"{name}/test",
-        )
-        for name in ood_names
-    }
+    load = common.dataset_loader(args, cache, encoder, root)
+    pool = load(common.ID_SET, "train", n_pool)
+    id_test = load(common.ID_SET, "test", args.id_size)
+    ood = {name: load(name, "test", args.ood_size) for name in ood_names}
     t_features = time.perf_counter() - t_start
 
     # results[method][set] -> list over seeds of metric dicts; far[method] -> per-seed far-OOD averages
