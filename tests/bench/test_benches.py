@@ -185,6 +185,43 @@ def test_bench_ablations(tiny_args, tmp_path):
     assert any("layer 1 only" in r["variant"] for r in res["layers"])
 
 
+def test_bench_epochs(tiny_args, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    rc = main(
+        [
+            "bench",
+            "epochs",
+            *tiny_args,
+            "--pool-size",
+            "200",
+            "--cal-size",
+            "40",
+            "--val-size",
+            "30",
+            "--id-size",
+            "40",
+            "--ood-size",
+            "40",
+            "--epochs-list",
+            "1,2",
+            "--n-blocks",
+            "1",
+            "--knn-k",
+            "5",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    assert "held-out classes (validation)" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["epochs"] for r in rows if "epochs" in r} == {1, 2}
+    assert {r["method"] for r in rows} == {"kNN", "Mahalanobis", "DLSR-mse", "DLSR-mfsim5", "DLSR-mfsim4"}
+    for r in rows:
+        assert set(r["auroc"]) >= {"held-out classes", "mnist"}
+        assert all(0.0 <= v <= 1.0 for v in r["auroc"].values())
+
+
 def test_common_helpers(data_dir):
     assert "cifar10" not in common.ood_set_names(data_dir)
     a, b = common.split_indices(10, 3, seed=1)
