@@ -142,6 +142,23 @@ def load_split(
     return Split(res.features, res.names)
 
 
+def holdout_split(
+    names: Sequence[str], holdout: str, val_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The validation split of a CIFAR-10 train pool: (fit idx, ID val idx, held-out-class mask, held classes).
+
+    Classes named in `holdout` (comma-separated) are the near-OOD proxy; of the others, `val_size` images
+    (at most a quarter) are the held-out ID validation set and the rest are fitted on.
+    """
+    labels = np.array([n.split("/")[0] for n in names])
+    held = [c.strip() for c in holdout.split(",") if c.strip()]
+    is_held = np.isin(labels, held)
+    known = np.flatnonzero(~is_held)
+    rng = np.random.default_rng(seed)
+    val_idx = np.sort(rng.choice(known, size=min(val_size, len(known) // 4), replace=False))
+    return np.setdiff1d(known, val_idx), val_idx, is_held, held
+
+
 def split_indices(n: int, n_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded permutation of range(n) cut into (first n_first, the rest), each sorted."""
     perm = np.random.default_rng(seed).permutation(n)

@@ -13,8 +13,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 from bench import common
 from bench.ood import DEFAULT_BLOCKS, DEFAULT_T
 
@@ -52,13 +50,8 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
     id_test = load(common.ID_SET, "test", args.id_size)
     ood = {name: load(name, "test", args.ood_size).features for name in ood_names}
 
-    labels = np.array([n.split("/")[0] for n in pool.names])
-    held = [c.strip() for c in args.holdout.split(",") if c.strip()]
-    is_held = np.isin(labels, held)
-    known = np.flatnonzero(~is_held)
-    rng = np.random.default_rng(args.seed)
-    val_idx = np.sort(rng.choice(known, size=min(args.val_size, len(known) // 4), replace=False))
-    val_fit = pool.features[np.setdiff1d(known, val_idx)]
+    fit_v, val_idx, is_held, held = common.holdout_split(pool.names, args.holdout, args.val_size, args.seed)
+    val_fit = pool.features[fit_v]
     val_parts = {"id": pool.features[val_idx], "held-out classes": pool.features[is_held]}
     _, fit_idx = common.split_indices(len(pool.features), args.cal_size, args.seed)
     test_fit = pool.features[fit_idx]

@@ -85,13 +85,7 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
         batch_size=args.batch_size,
         label="cifar10/train",
     )
-    labels = np.array([n.split("/")[0] for n in pool.names])
-    held = [c.strip() for c in args.holdout.split(",") if c.strip()]
-    is_held = np.isin(labels, held)
-    known = np.flatnonzero(~is_held)
-    rng = np.random.default_rng(args.seed)
-    val_idx = np.sort(rng.choice(known, size=min(args.val_size, len(known) // 4), replace=False))
-    fit_idx = np.setdiff1d(known, val_idx)
+    fit_idx, val_idx, is_held, held = common.holdout_split(pool.names, args.holdout, args.val_size, args.seed)
     x_fit, x_val = pool.features[fit_idx], pool.features[val_idx]
     ood = {"held-out classes": pool.features[is_held]}
     corr = [c.strip() for c in args.corruptions.split(",") if c.strip()]
@@ -99,8 +93,9 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
         cache, encoder, root, [pool.names[i] for i in val_idx], corr, 5, args.seed, args.batch_size
     )
     far_keys = [k for k in ood if k != "held-out classes"]
+    n_classes = len({pool.names[i].split("/")[0] for i in fit_idx})
     print(
-        f"validate: fit {len(x_fit)} ({len(set(labels[fit_idx]))} classes), ID val {len(x_val)}, "
+        f"validate: fit {len(x_fit)} ({n_classes} classes), ID val {len(x_val)}, "
         f"near proxy {len(ood['held-out classes'])} ({', '.join(held)}), far proxy {far_keys}",
         file=sys.stderr,
     )
