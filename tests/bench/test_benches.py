@@ -222,8 +222,26 @@ def test_bench_epochs(tiny_args, tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in r["auroc"].values())
 
 
+@pytest.mark.slow
+def test_bench_validate(tiny_args, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    rc = main(
+        ["bench", "validate", *tiny_args, "--pool-size", "120", "--val-size", "20", "--corruptions", "pixelate"]
+        + ["--blocks-list", "1", "--epochs-list", "1", "--t-list", "1,2", "--knn-k", "5", "--json", str(out)]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "held-out classes" in printed and "pixelate5" in printed
+    assert out.is_file()
+
+
 def test_common_helpers(data_dir):
     assert "cifar10" not in common.ood_set_names(data_dir)
+    names = [f"{c}/{i}.jpg" for c in ("cat", "dog", "ship") for i in range(8)]
+    fit, val, held, classes = common.holdout_split(names, "cat", val_size=3, seed=0)
+    assert classes == ["cat"] and held.sum() == 8 and len(val) == 3
+    assert not set(fit) & set(val) and not held[fit].any() and not held[val].any()
+    assert len(fit) + len(val) + held.sum() == len(names)
     a, b = common.split_indices(10, 3, seed=1)
     assert len(a) == 3 and sorted(np.concatenate([a, b]).tolist()) == list(range(10))
     assert np.array_equal(a, common.split_indices(10, 3, seed=1)[0])
