@@ -137,6 +137,11 @@ class ModelSettings(BaseModel):
         "mfsim4",
         description="Reconstruction score: mfsim4 (layers 2..5) won on the validation split; mfsim5 is the paper's",
     )
+    detector: Literal["dlsr", "mahalanobis", "knn"] = Field(
+        "dlsr",
+        description="What the trainer fits: dlsr (the method) or a baseline on the same features "
+        "(mahalanobis led the full-data benchmark, bench/results/ood_full_lite2.md)",
+    )
     alpha: float = Field(0.01, gt=0, lt=1, description="Target false-alarm rate of the conformal threshold")
     artifact_store: Path = Field(
         Path("artifacts"), description="Content-addressed directory of model artifacts"
@@ -274,7 +279,7 @@ class TrainerSettings(BaseModel):
     min_auroc: float = Field(0.9, ge=0, le=1, description="AUROC gate bound (only with reference_ood)")
     detector: dict[str, Any] = Field(
         default_factory=dict,
-        description='Extra DLSRDetector arguments, e.g. {"n_blocks": 8, "epochs": 30, "t": 5}',
+        description='Extra detector arguments, e.g. {"n_blocks": 8, "epochs": 30, "t": 5} (DLSR) or {"k": 20} (knn)',
     )
     refit_epochs: int | None = Field(
         None, ge=1, description="Epochs of a warm-started refit (default: a fifth of the full epochs, at least 1)"

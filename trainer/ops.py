@@ -1,4 +1,8 @@
-"""The real method behind a job: dlsr Encoder + FeatureCache + DLSRDetector (see job.ModelOps)."""
+"""The real method behind a job: dlsr Encoder + FeatureCache + a detector (see job.ModelOps).
+
+The detector is DLSR by default; `ModelSettings.detector` can choose a baseline on the same features
+(Mahalanobis, kNN), which the monitor serves like any artifact.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ class DlsrOps:
 
     Args:
         model: `config.ModelSettings` (encoder, weights, stages, input size, device, batch size, score).
-        detector_kwargs: extra `DLSRDetector` arguments (TrainerSettings.detector), e.g. n_blocks, epochs.
+        detector_kwargs: extra detector arguments (TrainerSettings.detector), e.g. n_blocks, epochs for DLSR,
+            k for kNN, shrinkage for Mahalanobis.
         refit_epochs: epochs of a warm-started refit (None: a fifth of the full epochs, at least 1).
     """
 
@@ -42,7 +47,11 @@ class DlsrOps:
         self.cache = FeatureCache(model.feature_cache)
         # DLSR_MODEL__* knobs first, then TrainerSettings.detector overrides (e.g. a smaller LFDN for CPU refits).
         # Unset knobs (None) keep the detector's own defaults.
-        base = {k: v for k, v in model.detector_kwargs().items() if v is not None}
+        self.kind = getattr(model, "detector", "dlsr")
+        if self.kind == "dlsr":
+            base = {k: v for k, v in model.detector_kwargs().items() if v is not None}
+        else:  # the DLSR_MODEL__* LFDN knobs mean nothing to a baseline
+            base = {"encode_batch_size": model.batch_size}
         self.kwargs = {**base, **(detector_kwargs or {})}
         self.refit_epochs = refit_epochs
         self.last_encoded = 0
@@ -59,12 +68,15 @@ class DlsrOps:
         return res.features
 
     def new_detector(self) -> Any:
+        from dlsr.baselines import KNNDetector, MahalanobisDetector
         from dlsr.detector import DLSRDetector
 
-        return DLSRDetector(self.encoder, device=self.device, **self.kwargs)
+        cls = {"dlsr": DLSRDetector, "mahalanobis": MahalanobisDetector, "knn": KNNDetector}[self.kind]
+        return cls(self.encoder, device=self.device, **self.kwargs)
 
     def can_warm_start(self, old: Any) -> bool:
-        if getattr(old, "kind", None) != "dlsr":
+        # Only an LFDN continues training; a baseline refits from scratch in seconds.
+        if self.kind != "dlsr" or getattr(old, "kind", None) != "dlsr":
             return False
         mine = {k: v for k, v in self.encoder.identity().items() if k != "device"}
         theirs = {k: v for k, v in (old.encoder_identity or {}).items() if k != "device"}

@@ -1,0 +1,50 @@
+"""DlsrOps: the detector kind chosen by the settings (DLSR or a feature baseline) and warm-start rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config.settings import ModelSettings
+from trainer.ops import DlsrOps
+
+
+def _model(tmp_path, detector: str) -> ModelSettings:
+    # A tiny random backbone: the kind plumbing, not the quality, is under test.
+    return ModelSettings(
+        detector=detector,
+        encoder="test_efficientnet",
+        encoder_weights="random",
+        input_size=32,
+        device="cpu",
+        feature_cache=tmp_path / "cache",
+    )
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("mahalanobis", {}), ("knn", {"k": 5})])
+def test_baseline_kind_fits_saves_and_loads(tmp_path, kind, extra):
+    ops = DlsrOps(_model(tmp_path, kind), extra)
+    x = np.random.default_rng(0).normal(size=(200, ops.encoder.dim)).astype(np.float32)
+    det = ops.fit(x[:150], warm_from=None, progress=False)
+    assert det.kind == kind
+    assert not ops.can_warm_start(det)  # baselines always refit from scratch
+    det.calibrate(x[150:], alpha=0.1)
+    path = det.save(tmp_path / "artifact")
+    loaded = ops.load(path)
+    assert loaded.kind == kind
+    np.testing.assert_allclose(loaded.score(x[:10]), det.score(x[:10]), rtol=1e-6)
+    # The monitor's path: preprocessed pixels in, one finite score per image out.
+    images = [Image.fromarray(np.full((32, 32, 3), v, dtype=np.uint8)) for v in (0, 128, 255)]
+    scores = loaded.score_pixels(ops.encoder.preprocess(images))
+    assert np.asarray(scores).shape == (3,) and np.isfinite(scores).all()
+
+
+def test_dlsr_kind_warm_starts_only_from_dlsr(tmp_path):
+    ops = DlsrOps(_model(tmp_path, "dlsr"), {"n_blocks": 1, "width": 16, "epochs": 1})
+    x = np.random.default_rng(1).normal(size=(64, ops.encoder.dim)).astype(np.float32)
+    det = ops.fit(x, warm_from=None, progress=False)
+    assert det.kind == "dlsr" and det.n_blocks == 1
+    assert ops.can_warm_start(det)
+    maha = DlsrOps(_model(tmp_path, "mahalanobis")).fit(x, warm_from=None, progress=False)
+    assert not ops.can_warm_start(maha)
