@@ -58,17 +58,16 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
     test_parts = {"id": id_test.features} | ood
     cols = ["held-out classes"] + ood_names
 
-    def aurocs(score_fn) -> list[float]:
-        sv = {k: score_fn(v) for k, v in val_parts.items()}
-        st = {k: score_fn(v) for k, v in test_parts.items()}
-        out = [auroc(sv["id"], sv["held-out classes"])]
-        return out + [auroc(st["id"], st[n]) for n in ood_names]
+    def aurocs(sv: dict, st: dict) -> list[float]:
+        # Validation (ID val vs held-out classes) first, then CIFAR-10 test vs each OOD set.
+        return [auroc(sv["id"], sv["held-out classes"])] + [auroc(st["id"], st[n]) for n in ood_names]
 
     rows, results = [], []
     for name, det in common.make_baselines(args, device).items():
-        sv = {k: det.fit(val_fit).score(v) for k, v in val_parts.items()}
-        st = {k: det.fit(test_fit).score(v) for k, v in test_parts.items()}
-        vals = [auroc(sv["id"], sv["held-out classes"])] + [auroc(st["id"], st[n]) for n in ood_names]
+        det.fit(val_fit)
+        sv = {k: det.score(v) for k, v in val_parts.items()}
+        det.fit(test_fit)
+        vals = aurocs(sv, {k: det.score(v) for k, v in test_parts.items()})
         rows.append([name, "-", "-"] + [f"{100 * v:.2f}" for v in vals])
         results.append({"method": name, "auroc": dict(zip(cols, vals, strict=True))})
     for epochs in epochs_list:
@@ -79,8 +78,7 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
         sv = {k: det_v.score_all(v, scores=SCORES) for k, v in val_parts.items()}
         st = {k: det_t.score_all(v, scores=SCORES) for k, v in test_parts.items()}
         for score in SCORES:
-            vals = [auroc(sv["id"][score], sv["held-out classes"][score])]
-            vals += [auroc(st["id"][score], st[n][score]) for n in ood_names]
+            vals = aurocs({k: v[score] for k, v in sv.items()}, {k: v[score] for k, v in st.items()})
             rows.append([f"DLSR-{score}", epochs, f"{fit_s:.0f}"] + [f"{100 * v:.2f}" for v in vals])
             results.append(
                 {"method": f"DLSR-{score}", "epochs": epochs, "fit_s": fit_s, "auroc": dict(zip(cols, vals, strict=True))}

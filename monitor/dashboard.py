@@ -472,7 +472,7 @@ def run_dashboard(
     client = redis_client or _connect(settings.redis)
     state = MonitorState.from_settings(client, Keys(settings.redis.prefix), settings.monitor)
     dash = settings.dashboard
-    url = _mask_url(settings.redis.url)
+    url = mask_url(settings.redis.url)
 
     def snapshot() -> Snapshot:
         try:
@@ -488,7 +488,8 @@ def run_dashboard(
     return 0
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***, for display."""
     head, sep, tail = url.rpartition("@")
     if not sep:
         return url

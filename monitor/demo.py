@@ -615,7 +615,7 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
 def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
     import redis as redis_lib
 
-    from monitor.dashboard import _mask_url, live_loop, read_snapshot, render
+    from monitor.dashboard import live_loop, mask_url, read_snapshot, render
     from monitor.kafka_io import ensure_topics
     from monitor.keys import Keys
     from monitor.registry import Registry
@@ -689,7 +689,7 @@ def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_s
         console.print(f"[bold]stream[/] {len(stream)} images from {', '.join(SOURCES)} (run {run_id})")
         if not (opts.dashboard and console.is_terminal):
             console.print(
-                f"[dim]watch it: DLSR_REDIS__URL={_mask_url(cfg.redis.url)} DLSR_REDIS__PREFIX={cfg.redis.prefix} "
+                f"[dim]watch it: DLSR_REDIS__URL={mask_url(cfg.redis.url)} DLSR_REDIS__PREFIX={cfg.redis.prefix} "
                 "dlsr dashboard[/]"
             )
         producer = threading.Thread(target=producer_main, name="dlsr-demo-producer", daemon=True)
