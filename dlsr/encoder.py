@@ -23,6 +23,8 @@ from PIL import Image
 
 IDENTITY_VERSION = 1
 _EPS = 1e-5  # METHOD.md: divide each stage vector by its std + 1e-5
+PRECISIONS = ("fp32", "bf16")
+_PRECISION_IDENTITY = {"fp32": "fp32", "bf16": "bf16-autocast"}
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -153,6 +155,7 @@ class Encoder:
         interpolation: str,
         weights_identity: dict,
         device: torch.device,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.name = name
@@ -163,6 +166,9 @@ class Encoder:
         self.interpolation = interpolation
         self.weights_identity = weights_identity
         self.device = device
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.channels: tuple[int, ...] = tuple(int(c) for c in model.feature_info.channels())
         bounds = [0]
         for c in self.channels:
@@ -180,6 +186,7 @@ class Encoder:
         stages: Sequence[int] = (0, 1, 2, 3, 4),
         input_size: int | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> Encoder:
         """Build a frozen encoder.
 
@@ -190,7 +197,12 @@ class Encoder:
             stages: timm `out_indices` of the feature stages to use.
             input_size: square input side; default from the backbone's pretrained config.
             device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present)
+            precision: "fp32", "bf16" (bf16 autocast for the backbone; pooling and z-scoring stay fp32) or
+                "auto": bf16 on CUDA, fp32 on CPU. bf16 on a CPU with AVX512-BF16 or AMX encodes about
+                2x faster than fp32; features move by about 1 % (relative), so they are cached apart.
         """
+        if precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         stages = tuple(int(s) for s in stages)
         if not stages:
             raise ValueError("stages must name at least one feature stage, e.g. (0, 1, 2, 3, 4)")
@@ -226,6 +238,8 @@ class Encoder:
         if device == "auto":  # the settings' default: CUDA when present
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if precision == "auto":
+            precision = "bf16" if dev.type == "cuda" else "fp32"
         model = model.eval().to(dev)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -241,6 +255,7 @@ class Encoder:
             interpolation=str(cfg.get("interpolation", "bilinear")),
             weights_identity=wid,
             device=dev,
+            precision=precision,
         )
 
     def identity(self) -> dict:
@@ -256,8 +271,9 @@ class Encoder:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "pooling": "gap+stage-zscore",
-            # bf16 autocast on CUDA gives slightly different features from fp32 on CPU: cache them apart.
-            "precision": "bf16-autocast" if self.device.type == "cuda" else "fp32",
+            # bf16 autocast gives slightly different features from fp32: cache them apart. The name is
+            # the same on CPU and CUDA (both round the backbone to bf16), and fp32 keeps its old key.
+            "precision": _PRECISION_IDENTITY[self.precision],
         }
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -289,8 +305,8 @@ class Encoder:
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch (N, 3, S, S) -> features (N, D) float32 on `self.device`."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 maps = self.model(x)
         else:
             maps = self.model(x)

@@ -363,7 +363,9 @@ def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: 
     t0 = time.perf_counter()
     m = settings.model
     device = m.device
-    encoder = Encoder.create(m.encoder, m.encoder_weights, m.stages, input_size=opts.input_size, device=device)
+    encoder = Encoder.create(
+        m.encoder, m.encoder_weights, m.stages, input_size=opts.input_size, device=device, precision=m.precision
+    )
     images = open_images(data.id_train, limit=opts.fit_images, seed=0)
     console.print(f"[bold]fit[/] encoding {len(images)} CIFAR-10 images at {opts.input_size}px (cached after the first run)")
     feats = FeatureCache(m.feature_cache).features(encoder, images, batch_size=m.batch_size, progress=True)

@@ -43,6 +43,7 @@ class DlsrOps:
             stages=tuple(model.stages),
             input_size=model.input_size,
             device=self.device,
+            precision=getattr(model, "precision", "auto"),
         )
         self.cache = FeatureCache(model.feature_cache)
         # DLSR_MODEL__* knobs first, then TrainerSettings.detector overrides (e.g. a smaller LFDN for CPU refits).

@@ -108,3 +108,38 @@ def test_unknown_keys_are_refused_in_every_section(monkeypatch):
         with pytest.raises(ValidationError, match="xtra inputs are not permitted"):
             Settings()
         monkeypatch.delenv(name)
+
+
+def test_trainer_detector_arguments_must_fit_the_detector_kind(monkeypatch):
+    from config.errors import settings_error_lines
+
+    monkeypatch.setenv("DLSR_MODEL__DETECTOR", "mahalanobis")
+    monkeypatch.setenv("DLSR_TRAINER__DETECTOR", '{"n_blocks": 8, "shrinkage": 0.1}')
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    (line,) = settings_error_lines(info.value, Settings)
+    assert line.startswith("invalid setting trainer.detector (env DLSR_TRAINER__DETECTOR): n_blocks is not")
+    assert "'mahalanobis'" in line and "shrinkage" in line
+    monkeypatch.setenv("DLSR_TRAINER__DETECTOR", '{"shrinkage": 0.1}')
+    assert Settings().trainer.detector == {"shrinkage": 0.1}
+
+
+def test_detector_argument_table_matches_the_dlsr_classes():
+    import inspect
+
+    from config.settings import DETECTOR_ARGUMENTS
+    from dlsr.baselines import KNNDetector, MahalanobisDetector
+    from dlsr.detector import DLSRDetector
+
+    # The trainer passes encoder, device, boundaries and progress itself.
+    own = {"self", "encoder", "device", "boundaries", "progress"}
+    for kind, cls in {"dlsr": DLSRDetector, "knn": KNNDetector, "mahalanobis": MahalanobisDetector}.items():
+        taken = [p for p in inspect.signature(cls.__init__).parameters if p not in own]
+        assert list(DETECTOR_ARGUMENTS[kind]) == taken, kind
+
+
+def test_model_precision_is_checked(monkeypatch):
+    assert Settings().model.precision == "auto"
+    monkeypatch.setenv("DLSR_MODEL__PRECISION", "fp16")
+    with pytest.raises(ValidationError, match="precision"):
+        Settings()

