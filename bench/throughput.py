@@ -291,6 +291,11 @@ def run(args: argparse.Namespace, settings: Any) -> int:
                     rss.append((time.monotonic() - t0, value))
                 next_rss += 2.0
             time.sleep(0.1)
+        if beat0 is None:
+            raise SystemExit(
+                f"dlsr bench throughput: the monitor scored only {scored.value} images in the {args.duration:.0f} s "
+                f"saturated phase (fewer than 2 batches of {batch_size}): raise --duration or lower the batch size"
+            )
         beat1 = _beat(r, keys)
         stamp1 = time.time() * 1000.0
         sent_sat = done.get(timeout=10)
