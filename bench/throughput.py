@@ -186,7 +186,8 @@ def _build_model(args: argparse.Namespace, settings: Any, input_size: int, devic
     from dlsr.readers import open_images
 
     enc = Encoder.create(settings.model.encoder, weights=settings.model.encoder_weights,
-                         stages=settings.model.stages, input_size=input_size, device=device)
+                         stages=settings.model.stages, input_size=input_size, device=device,
+                         precision=settings.model.precision)
     feats = FeatureCache(settings.model.feature_cache).features(
         enc, open_images(_data(args) / "cifar10" / "train.zip", limit=600, seed=0), progress=True
     )

@@ -140,12 +140,16 @@ def test_bench_speed(tmp_path, capsys):
             "1",
             "--t",
             "2",
+            "--precision",
+            "bf16",
             "--json",
             str(out),
         ]
     )
     assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["meta"]["precision"] == "bf16 autocast encoder"
     assert [r["batch_size"] for r in rows] == [4, 8]
     assert all(r["encoder_images_per_s"] > 0 and 0 < r["encoder_time_share"] < 1 for r in rows)
 
