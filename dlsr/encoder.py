@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 IDENTITY_VERSION = 1
+log = logging.getLogger(__name__)
 _EPS = 1e-5  # METHOD.md: divide each stage vector by its std + 1e-5
 PRECISIONS = ("fp32", "bf16")
 _PRECISION_IDENTITY = {"fp32": "fp32", "bf16": "bf16-autocast"}
@@ -240,6 +242,9 @@ class Encoder:
         dev = torch.device(device)
         if precision == "auto":
             precision = "bf16" if dev.type == "cuda" else "fp32"
+        if precision == "bf16" and dev.type == "cpu" and not _cpu_has_bf16():
+            # Still correct (the model was fitted on bf16 features), but emulated bf16 is slower than fp32.
+            log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 encoding will be slower than fp32")
         model = model.eval().to(dev)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -335,6 +340,13 @@ class Encoder:
             x = self.preprocess(images[i : i + batch_size])
             out[i : i + len(x)] = self.encode_pixels(x).cpu().numpy()
         return out
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private oneDNN probe: absent in some builds
+        return False
 
 
 def resize_batch(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
