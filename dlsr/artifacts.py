@@ -208,7 +208,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def _rebuild_encoder(identity: dict, device: str | torch.device) -> Encoder:
     """Recreate the encoder a detector was trained with from its identity dict."""
-    from dlsr.encoder import Encoder  # lazy: features-only users never load timm
+    from dlsr.encoder import Encoder, precision_from_identity  # lazy: features-only users never load timm
 
     weights = identity.get("weights") or {}
     source = weights.get("source") if isinstance(weights, dict) else weights
@@ -227,7 +227,7 @@ def _rebuild_encoder(identity: dict, device: str | torch.device) -> Encoder:
         kwargs["input_size"] = identity["input_size"]
     # The features the calibration was computed on: a model trained with bf16 features scores bf16 features
     # on any device (before this key was honoured, a CUDA-trained model fell back to fp32 on a CPU host).
-    kwargs["precision"] = "bf16" if identity.get("precision") == "bf16-autocast" else "fp32"
+    kwargs["precision"] = precision_from_identity(identity)
     return Encoder.create(**kwargs)
 
 

@@ -342,6 +342,12 @@ class Encoder:
         return out
 
 
+def precision_from_identity(identity: dict) -> str:
+    """The `precision` argument that rebuilds an encoder with this identity (no key: fp32, the old default)."""
+    by_name = {v: k for k, v in _PRECISION_IDENTITY.items()}
+    return by_name.get(identity.get("precision", "fp32"), "fp32")
+
+
 def _cpu_has_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
