@@ -16,8 +16,11 @@ RUN pip install ${TORCH_PINS}
 COPY pyproject.toml README.md ./
 COPY config ./config
 COPY dlsr ./dlsr
+COPY common ./common
 COPY monitor ./monitor
 COPY trainer ./trainer
+COPY console ./console
+COPY demo ./demo
 COPY bench ./bench
 COPY cli ./cli
 RUN pip install .
@@ -28,7 +31,10 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/dlsr dlsr \
 USER dlsr
 WORKDIR /var/lib/dlsr
 
-ENV DLSR_MODEL__ARTIFACT_STORE=/var/lib/dlsr/artifacts \
+# The package installs as `dlsr` + `dlsr_monitor.*`; /app on the path keeps the short container entry points
+# `python -m monitor` and `python -m trainer` working (this image holds no other project's modules).
+ENV PYTHONPATH=/app \
+    DLSR_MODEL__ARTIFACT_STORE=/var/lib/dlsr/artifacts \
     DLSR_MODEL__FEATURE_CACHE=/var/lib/dlsr/cache/features
 
 CMD ["dlsr", "--help"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import common
-from bench.ood import DEFAULT_BLOCKS, DEFAULT_EPOCHS, DEFAULT_T
+from dlsr_monitor.bench import common
+from dlsr_monitor.bench.ood import DEFAULT_BLOCKS, DEFAULT_EPOCHS, DEFAULT_T
 
 
 def _names() -> list[str]:

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from bench import common
-from bench.ood import DEFAULT_BLOCKS, DEFAULT_T
+from dlsr_monitor.bench import common
+from dlsr_monitor.bench.ood import DEFAULT_BLOCKS, DEFAULT_T
 
 SCORES = ("mse", "mfsim5", "mfsim4")
 

@@ -30,7 +30,7 @@ print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {t
 PY
 
 run() {  # backbone weights label [input size]
-  "$PY" -m cli.main bench speed --device "$DEVICE" --backbone "$1" --weights "$2" ${4:+--input-size "$4"} \
+  "$PY" -m dlsr_monitor.cli.main bench speed --device "$DEVICE" --backbone "$1" --weights "$2" ${4:+--input-size "$4"} \
     --batch-sizes "$BATCHES" --n-blocks "$BLOCKS" --t "$T" --batches 10 --repeats 3 \
     --json "$OUT_DIR/gpu_speed_$3.json"
 }
@@ -45,7 +45,7 @@ else
 fi
 
 if [ "${QUALITY:-0}" = 1 ]; then
-  "$PY" -m cli.main bench ood --device "$DEVICE" --backbone tf_efficientnet_lite2 --batch-size 256 \
+  "$PY" -m dlsr_monitor.cli.main bench ood --device "$DEVICE" --backbone tf_efficientnet_lite2 --batch-size 256 \
     ${DATA_DIR:+--data-dir "$DATA_DIR"} --n-blocks 16 --width 1120 --epochs 150 \
     --json "$OUT_DIR/gpu_ood_full_lite2_paper.json" | tee "$OUT_DIR/gpu_ood_full_lite2_paper.md"
 fi

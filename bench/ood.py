@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import common
+from dlsr_monitor.bench import common
 
 # The full run. t = 2 was chosen on the validation split (bench/validate.py: held-out CIFAR-10 classes and
 # code-made corruptions of held-out train images as OOD), never on the test OOD sets; see

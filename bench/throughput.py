@@ -204,7 +204,7 @@ def _data(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace, settings: Any) -> int:
-    from monitor.service import limit_heap_growth
+    from dlsr_monitor.monitor.service import limit_heap_growth
 
     # The same allocator setting as the monitor process, so the bare scorer is timed under equal conditions
     # (on this machine glibc's default per-thread arenas make torch's CPU scoring markedly slower).
@@ -214,10 +214,10 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     from dlsr.detector import load_detector, resolve_device
     from dlsr.images import decode_image
     from dlsr.readers import open_images
-    from monitor.embedded import TansuBroker, ensure_redis
-    from monitor.kafka_io import ensure_topics
-    from monitor.keys import Keys
-    from monitor.registry import Registry
+    from dlsr_monitor.common.kafka_io import ensure_topics
+    from dlsr_monitor.common.keys import Keys
+    from dlsr_monitor.common.registry import Registry
+    from dlsr_monitor.demo.embedded import TansuBroker, ensure_redis
 
     batch_size = args.batch_size or settings.monitor.batch_max
     input_size = args.input_size or settings.model.input_size or 224
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         })
         log_path = work / "monitor.log"
         with open(log_path, "wb") as log:
-            monitor_proc = subprocess.Popen([sys.executable, "-m", "monitor", "--log-level", "WARNING"],
+            monitor_proc = subprocess.Popen([sys.executable, "-m", "dlsr_monitor.monitor", "--log-level", "WARNING"],
                                             cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         tap = _ScoreTap(bootstrap, topics["scores"])
 

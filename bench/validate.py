@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import common
+from dlsr_monitor.bench import common
 
 
 def _ints(text: str) -> list[int]:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from cli import bench_cmd, config_cmd, monitor_cmd, ops_cmd, trainer_cmd
-from config import ConfigFileError, Settings, StartupError, load_settings, settings_error_lines
+from dlsr_monitor.cli import bench_cmd, config_cmd, monitor_cmd, ops_cmd, trainer_cmd
+from dlsr_monitor.config import ConfigFileError, Settings, StartupError, load_settings, settings_error_lines
 
 
 class _Parser(argparse.ArgumentParser):

@@ -44,8 +44,8 @@ def _monitor(args: argparse.Namespace, settings) -> int:
 
     from redis.exceptions import RedisError
 
-    from monitor.batching import SinkError
-    from monitor.service import run_monitor
+    from dlsr_monitor.common.streams import SinkError
+    from dlsr_monitor.monitor.service import run_monitor
 
     try:
         run_monitor(settings)

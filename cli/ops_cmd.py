@@ -106,13 +106,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _dashboard(args: argparse.Namespace, settings) -> int:
-    from monitor.dashboard import run_dashboard
+    from dlsr_monitor.console.dashboard import run_dashboard
 
     return run_dashboard(settings, once=args.once, refresh_s=args.refresh, duration_s=args.duration)
 
 
 def _alerts(args: argparse.Namespace, settings) -> int:
-    from monitor.subscriber import AlertFilter, follow_alerts
+    from dlsr_monitor.console.subscriber import AlertFilter, follow_alerts
 
     flt = AlertFilter(
         sources=frozenset(args.source or ()), kinds=frozenset(args.kind or ()), min_severity=args.min_severity
@@ -129,7 +129,7 @@ def _alerts(args: argparse.Namespace, settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings) -> int:
-    from monitor.demo import DemoOptions, run_demo
+    from dlsr_monitor.demo.run import DemoOptions, run_demo
 
     opts = DemoOptions.from_settings(
         settings,

@@ -85,9 +85,9 @@ def _logging(level: str) -> None:
 
 
 def _registry(settings: Any) -> Any:
-    from monitor.keys import Keys
-    from monitor.registry import Registry
-    from monitor.service import connect_redis
+    from dlsr_monitor.common.connections import connect_redis
+    from dlsr_monitor.common.keys import Keys
+    from dlsr_monitor.common.registry import Registry
 
     redis = connect_redis(settings.redis)
     return Registry(redis, Keys(settings.redis.prefix), settings.model.artifact_store)
@@ -98,8 +98,8 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     _logging(args.log_level)
     import threading
 
-    from monitor.service import install_signal_handlers
-    from trainer.schedule import build_service
+    from dlsr_monitor.common.connections import install_signal_handlers
+    from dlsr_monitor.trainer.schedule import build_service
 
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -116,8 +116,8 @@ def _fit(args: argparse.Namespace, settings: Any) -> int:
     _logging(args.log_level)
     from pathlib import Path
 
-    from trainer.intake import ingest_path
-    from trainer.schedule import build_service
+    from dlsr_monitor.trainer.intake import ingest_path
+    from dlsr_monitor.trainer.schedule import build_service
 
     for path in args.data:
         if not Path(path).exists():
@@ -161,9 +161,9 @@ def _fit(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _trigger(args: argparse.Namespace, settings: Any) -> int:
-    from monitor.keys import Keys
-    from monitor.service import connect_redis
-    from trainer.schedule import request_run
+    from dlsr_monitor.common.connections import connect_redis
+    from dlsr_monitor.common.keys import Keys
+    from dlsr_monitor.trainer.schedule import request_run
 
     redis = connect_redis(settings.redis)
     request_run(redis, Keys(settings.redis.prefix), by="cli")
@@ -224,7 +224,7 @@ def _model_list(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _model_promote(args: argparse.Namespace, settings: Any) -> int:
-    from monitor.registry import ANY, RegistryError
+    from dlsr_monitor.common.registry import ANY, RegistryError
 
     reg = _registry(settings)
     before = reg.current_version()
@@ -237,7 +237,7 @@ def _model_promote(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _model_rollback(args: argparse.Namespace, settings: Any) -> int:
-    from monitor.registry import ANY, RegistryError
+    from dlsr_monitor.common.registry import ANY, RegistryError
 
     reg = _registry(settings)
     before = reg.current_version()
@@ -261,9 +261,9 @@ def _job_line(rec: Any) -> str:
 
 
 def _jobs(args: argparse.Namespace, settings: Any) -> int:
-    from monitor.keys import Keys
-    from monitor.service import connect_redis
-    from trainer.history import JobHistory
+    from dlsr_monitor.common.connections import connect_redis
+    from dlsr_monitor.common.keys import Keys
+    from dlsr_monitor.trainer.history import JobHistory
 
     redis = connect_redis(settings.redis)
     hist = JobHistory(redis, Keys(settings.redis.prefix))

@@ -1,7 +1,7 @@
 """Typed settings for DLSR Monitor, built once at the process edge and passed down."""
 
-from config.errors import ConfigFileError, StartupError, settings_error_lines
-from config.settings import (
+from dlsr_monitor.config.errors import ConfigFileError, StartupError, settings_error_lines
+from dlsr_monitor.config.settings import (
     CONFIG_FILE_ENV,
     DashboardSettings,
     DemoSettings,

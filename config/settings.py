@@ -29,7 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from config.errors import ConfigFileError
+from dlsr_monitor.config.errors import ConfigFileError
 
 CONFIG_FILE_ENV = "DLSR_CONFIG_FILE"
 

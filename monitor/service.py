@@ -1,6 +1,6 @@
 """The monitor loop: poll -> decode -> preprocess -> score in batches -> Redis effects -> produce -> commit.
 
-The loop talks to a `Source` and a `Sink` (monitor.batching), so it runs the same on Kafka (monitor.kafka_io)
+The loop talks to a `Source` and a `Sink` (common.streams), so it runs the same on Kafka (common.kafka_io)
 and on in-memory lists (unit tests). Decoding and preprocessing of batch k+1 run on a thread pool while batch
 k is scored, so the scorer never waits on image decoding. At most two batches are in flight: memory is bounded
 whatever the input rate.
@@ -18,19 +18,21 @@ import functools
 import logging
 import math
 import queue
-import signal
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from monitor.batching import Message, Sink, Source, collect_batch
-from monitor.contract import (
+from dlsr.calibration import p_values
+from dlsr_monitor.common.connections import connect_redis, install_signal_handlers
+from dlsr_monitor.common.connections import kafka_retry as kafka_retry_policy
+from dlsr_monitor.common.contract import (
+    DriftAlert,
     InputMeta,
     ModelAlert,
     OodAlert,
@@ -39,8 +41,18 @@ from monitor.contract import (
     dlq_headers,
     parse_input_meta,
 )
-from monitor.drift import DriftTest
-from monitor.state import MonitorState, WindowRecord
+from dlsr_monitor.common.hotswap import ModelEvent, ModelHandle, ModelWatcher
+from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
+from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.streams import Headers, Message, Sink, Source
+from dlsr_monitor.monitor.batching import collect_batch
+from dlsr_monitor.monitor.drift import DriftTest
+from dlsr_monitor.monitor.state import MonitorState, WindowRecord
+
+if TYPE_CHECKING:
+    import torch
+
+    from dlsr_monitor.config.settings import MonitorSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +70,9 @@ class _Prepared:
 
     messages: list[Message]
     metas: list[InputMeta]
-    handle: Any
+    handle: ModelHandle
     good: list[int] = field(default_factory=list)  # indices into messages, in pixel order
-    pixels: Any = None  # torch.Tensor (len(good), 3, H, W)
+    pixels: torch.Tensor | None = None  # (len(good), 3, H, W)
     dead: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (reason, detail)
 
 
@@ -78,6 +90,93 @@ class RunStats:
     replayed: int = 0  # records whose Redis effects were already applied (a replay)
     score_s: float = 0.0  # time inside detector.score_pixels
     started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The model's verdict on a batch's decodable images (in `_Prepared.good` order)."""
+
+    scores: np.ndarray  # (len(good),) float64
+    p_values: np.ndarray  # (len(good),) float64, NaN without calibration scores
+    threshold: float
+
+
+@dataclass
+class Routed:
+    """What one batch turns into: per-partition Redis effects and the records to produce."""
+
+    windows: dict[tuple[str, int], list[WindowRecord]] = field(default_factory=lambda: defaultdict(list))
+    window_alerts: dict[tuple[str, int], list[tuple[int, str]]] = field(default_factory=lambda: defaultdict(list))
+    scores: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, ScoreRecord JSON)
+    dead: list[tuple[bytes | None, bytes, Headers]] = field(default_factory=list)  # (key, value, DLQ headers)
+    alerts: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, OodAlert JSON)
+    sources: set[str] = field(default_factory=set)
+    ood: int = 0
+
+
+def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, now: float) -> Routed:
+    """Pure: a scored batch -> score records, OOD alerts, dead letters and window records (no I/O).
+
+    An image the model scored as non-finite becomes a dead letter (`score_not_finite`), like an undecodable one.
+    """
+    handle, out = prep.handle, Routed()
+    score_of = dict(zip(prep.good, range(len(prep.good)), strict=True))
+    for i, (m, meta) in enumerate(zip(prep.messages, prep.metas, strict=True)):
+        tp = (m.topic, m.partition)
+        out.sources.add(meta.source)
+        j = score_of.get(i)
+        dead = prep.dead.get(i)
+        if j is not None and not math.isfinite(scored.scores[j]):
+            dead = ("score_not_finite", f"model {handle.version} scored this image {scored.scores[j]}")
+            j = None
+        if j is None:
+            reason, detail = dead if dead is not None else ("internal_error", "no score and no reason")
+            origin = f"{m.topic}:{m.partition}:{m.offset}"
+            headers = dlq_headers(m.headers, reason=reason, detail=detail, origin=origin, image_id=meta.image_id)
+            out.dead.append((m.key, m.value or b"", headers))
+            out.windows[tp].append(WindowRecord(m.offset, meta.source, meta.ts, scored=False))
+            continue
+        score = float(scored.scores[j])
+        is_ood = bool(score > scored.threshold)
+        pval = float(scored.p_values[j]) if math.isfinite(scored.p_values[j]) else 1.0
+        latency = (now - m.timestamp_ms / 1000.0) * 1000.0 if m.timestamp_ms else 0.0
+        rec = ScoreRecord(
+            image_id=meta.image_id,
+            source=meta.source,
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            ts=meta.ts,
+            score=score,
+            threshold=scored.threshold,
+            p_value=pval,
+            is_ood=is_ood,
+            model_version=handle.version,
+            latency_ms=max(0.0, latency),
+            instance=instance,
+        )
+        out.scores.append((meta.source.encode(), rec.to_bytes()))
+        out.windows[tp].append(WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score))
+        if not is_ood:
+            continue
+        out.ood += 1
+        if ood_alerts:
+            alert = OodAlert(
+                alert_id=f"ood:{meta.image_id}",
+                source=meta.source,
+                image_id=meta.image_id,
+                topic=m.topic,
+                partition=m.partition,
+                offset=m.offset,
+                ts=meta.ts,
+                score=score,
+                threshold=scored.threshold,
+                p_value=pval,
+                model_version=handle.version,
+            )
+            out.alerts.append((meta.source.encode(), alert.to_bytes()))
+            out.window_alerts[tp].append((m.offset, alert_to_json(alert)))
+    return out
 
 
 class MonitorService:
@@ -101,8 +200,8 @@ class MonitorService:
         source: Source,
         sink: Sink,
         state: MonitorState,
-        current_model: Callable[[], Any],
-        monitor: Any,
+        current_model: Callable[[], ModelHandle | None],
+        monitor: MonitorSettings,
         topics: OutputTopics,
         group: str,
         decode: Callable[..., Any] | None = None,
@@ -130,7 +229,7 @@ class MonitorService:
         self._last_version: str | None = None
 
     # ---- model events (called from the watcher thread) ---------------------------------------------
-    def on_model_event(self, event: Any) -> None:
+    def on_model_event(self, event: ModelEvent) -> None:
         """Queue a ModelWatcher event; the loop turns it into a `model` alert between batches."""
         self._events.put(event)
 
@@ -140,7 +239,7 @@ class MonitorService:
             raise self._decode_error("empty", "message has no value (a tombstone)")
         return self._decode(msg.value, max_bytes=self.cfg.max_image_bytes, max_pixels=self.cfg.max_image_pixels)
 
-    def _prepare(self, messages: list[Message], handle: Any) -> _Prepared:
+    def _prepare(self, messages: list[Message], handle: ModelHandle) -> _Prepared:
         metas = [
             parse_input_meta(
                 topic=m.topic,
@@ -187,7 +286,7 @@ class MonitorService:
         return prep
 
     # ---- thresholds -----------------------------------------------------------------------------------
-    def _threshold(self, handle: Any) -> tuple[float, np.ndarray | None]:
+    def _threshold(self, handle: ModelHandle) -> tuple[float, np.ndarray | None]:
         """Threshold in force for this version: the vetted reservoir's conformal one when it is big enough,
         else the registry's; re-read every `threshold_refresh_s`."""
         now = time.monotonic()
@@ -197,10 +296,10 @@ class MonitorService:
         cal = getattr(handle.detector, "calibration_scores", None)
         threshold = float(handle.threshold)
         try:
-            value = self.state.baseline_threshold(handle.version, float(handle.alpha))
+            value = self.state.baseline.threshold(handle.version, float(handle.alpha))
             if value is not None and math.isfinite(value):
-                if value != threshold and self.state.redis.llen(self.state.keys.baseline(handle.version)):
-                    cal = self.state.baseline_scores(handle.version)  # p-values against the same reservoir
+                if value != threshold and self.state.baseline.size(handle.version):
+                    cal = self.state.baseline.scores(handle.version)  # p-values against the same reservoir
                 threshold = float(value)
         except Exception as exc:  # Redis hiccup: keep the last known threshold
             log.warning("threshold refresh failed (%s); keeping %s", exc, threshold)
@@ -209,92 +308,39 @@ class MonitorService:
         self._thresholds = {handle.version: (threshold, now, cal)}
         return threshold, cal
 
-    # ---- one batch ----------------------------------------------------------------------------------
+    # ---- one batch: score -> route -> apply -> emit -> commit --------------------------------------------
     def _process(self, prep: _Prepared) -> None:
-        handle = prep.handle
-        msgs, metas = prep.messages, prep.metas
-        threshold, cal = self._threshold(handle)
+        scored = self._score(prep)
+        routed = route(
+            prep, scored, instance=self.instance, ood_alerts=self.cfg.ood_alerts, now=time.time()
+        )
+        drift_alerts = self._apply(routed, prep.handle)
+        self._emit(routed, drift_alerts)
+        self._commit(prep.messages)
+        self._count(prep, routed, drift_alerts)
+
+    def _score(self, prep: _Prepared) -> Scored:
+        """Scores and p-values of the decodable images, with the threshold in force for this model."""
+        threshold, cal = self._threshold(prep.handle)
         scores = np.empty(0)
         if prep.good:
             t0 = time.perf_counter()
-            scores = np.asarray(handle.detector.score_pixels(prep.pixels), dtype=np.float64).reshape(-1)
+            scores = np.asarray(prep.handle.detector.score_pixels(prep.pixels), dtype=np.float64).reshape(-1)
             self.stats.score_s += time.perf_counter() - t0
         if cal is not None and len(cal) and scores.size:
-            from dlsr.calibration import p_values
-
             pvals = np.asarray(p_values(np.asarray(cal), scores), dtype=np.float64)
         else:
             pvals = np.full(scores.shape, float("nan"))
-        now = time.time()
-        score_of = dict(zip(prep.good, range(len(prep.good)), strict=True))
+        return Scored(scores, pvals, threshold)
 
-        by_part: dict[tuple[str, int], list[WindowRecord]] = defaultdict(list)
-        alerts_by_part: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
-        out_scores: list[tuple[bytes, bytes]] = []
-        out_dead: list[tuple[bytes | None, bytes, list]] = []
-        out_alerts: list[tuple[bytes, bytes]] = []
-        sources: set[str] = set()
-        for i, (m, meta) in enumerate(zip(msgs, metas, strict=True)):
-            tp = (m.topic, m.partition)
-            sources.add(meta.source)
-            j = score_of.get(i)
-            if j is not None and not math.isfinite(scores[j]):
-                prep.dead[i] = ("score_not_finite", f"model {handle.version} scored this image {scores[j]}")
-                j = None
-            if j is None:
-                reason, detail = prep.dead[i]
-                origin = f"{m.topic}:{m.partition}:{m.offset}"
-                headers = dlq_headers(m.headers, reason=reason, detail=detail, origin=origin, image_id=meta.image_id)
-                out_dead.append((m.key, m.value or b"", headers))
-                by_part[tp].append(WindowRecord(m.offset, meta.source, meta.ts, scored=False))
-                continue
-            score = float(scores[j])
-            is_ood = bool(score > threshold)
-            pval = float(pvals[j]) if math.isfinite(pvals[j]) else 1.0
-            latency = (now - m.timestamp_ms / 1000.0) * 1000.0 if m.timestamp_ms else 0.0
-            rec = ScoreRecord(
-                image_id=meta.image_id,
-                source=meta.source,
-                topic=m.topic,
-                partition=m.partition,
-                offset=m.offset,
-                ts=meta.ts,
-                score=score,
-                threshold=threshold,
-                p_value=pval,
-                is_ood=is_ood,
-                model_version=handle.version,
-                latency_ms=max(0.0, latency),
-                instance=self.instance,
-            )
-            out_scores.append((meta.source.encode(), rec.to_bytes()))
-            by_part[tp].append(WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score))
-            if is_ood:
-                self.stats.ood += 1
-                if self.cfg.ood_alerts:
-                    alert = OodAlert(
-                        alert_id=f"ood:{meta.image_id}",
-                        source=meta.source,
-                        image_id=meta.image_id,
-                        topic=m.topic,
-                        partition=m.partition,
-                        offset=m.offset,
-                        ts=meta.ts,
-                        score=score,
-                        threshold=threshold,
-                        p_value=pval,
-                        model_version=handle.version,
-                    )
-                    out_alerts.append((meta.source.encode(), alert.to_bytes()))
-                    alerts_by_part[tp].append((m.offset, alert_to_json(alert)))
-
-        # 1. Redis effects, exactly once per input offset.
-        for (topic, partition), records in by_part.items():
+    def _apply(self, routed: Routed, handle: ModelHandle) -> list[DriftAlert]:
+        """The batch's only Redis effects: window counters exactly once per input offset, then drift from the
+        shared windows (all replicas see the same counters)."""
+        for (topic, partition), records in routed.windows.items():
             res = self.state.apply_batch(
-                self.group, topic, partition, records, alerts_by_part.get((topic, partition), [])
+                self.group, topic, partition, records, routed.window_alerts.get((topic, partition), [])
             )
             self.stats.replayed += res.skipped
-        # 2. Drift from the shared windows (all replicas see the same counters).
         test = DriftTest(
             alpha=float(handle.alpha),
             null_factor=self.cfg.drift_null_factor,
@@ -302,32 +348,35 @@ class MonitorService:
             clear_p=self.cfg.drift_clear_p,
             min_images=self.cfg.drift_min_images,
         )
-        drift_alerts = self.state.evaluate_drift(sources, test, model_version=handle.version)
-        # 3. Produce everything, then wait for the acknowledgements.
-        for key, value in out_scores:
+        return self.state.evaluate_drift(routed.sources, test, model_version=handle.version)
+
+    def _emit(self, routed: Routed, drift_alerts: list[DriftAlert]) -> None:
+        """Produce everything, then wait for the acknowledgements (SinkError when the broker refuses)."""
+        for key, value in routed.scores:
             self.sink.send(self.topics.scores, key, value)
-        for key, value, headers in out_dead:
+        for key, value, headers in routed.dead:
             self.sink.send(self.topics.dlq, key, value, headers)
-        for key, value in out_alerts:
+        for key, value in routed.alerts:
             self.sink.send(self.topics.alerts, key, value)
-        for a in drift_alerts:
-            self.sink.send(self.topics.alerts, a.source.encode(), a.to_bytes())
-        model_alerts = self._model_alerts()
-        for a in model_alerts:
+        for a in [*drift_alerts, *self._model_alerts()]:
             self.sink.send(self.topics.alerts, a.source.encode(), a.to_bytes())
         self.sink.flush(self.cfg.produce_timeout_s)
         self.state.mark_drift_emitted(drift_alerts)
-        # 4. Only now is the input done.
+
+    def _commit(self, messages: list[Message]) -> None:
+        """Only now is the input done: commit the next offset of every partition in the batch."""
         commit: dict[tuple[str, int], int] = {}
-        for m in msgs:
+        for m in messages:
             tp = (m.topic, m.partition)
             commit[tp] = max(commit.get(tp, 0), m.offset + 1)
         self.source.commit(commit)
 
+    def _count(self, prep: _Prepared, routed: Routed, drift_alerts: list[DriftAlert]) -> None:
         self.stats.batches += 1
-        self.stats.messages += len(msgs)
-        self.stats.scored += len(out_scores)
-        self.stats.dead += len(out_dead)
+        self.stats.messages += len(prep.messages)
+        self.stats.scored += len(routed.scores)
+        self.stats.dead += len(routed.dead)
+        self.stats.ood += routed.ood
         self.stats.drift_alerts += len(drift_alerts)
         for a in drift_alerts:
             log.warning("drift %s for source %s: %d/%d OOD in window (p=%.2g)", a.state, a.source,
@@ -351,7 +400,7 @@ class MonitorService:
                 instance=self.instance,
             )
             try:
-                self.state.push_alert(alert_to_json(alert))
+                self.state.recent_alerts.push(alert_to_json(alert))
             except Exception as exc:
                 log.warning("cannot record model alert in Redis: %s", exc)
             out.append(alert)
@@ -468,48 +517,11 @@ def _trim_heap() -> None:
         pass
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM / SIGINT set `stop`: the loop finishes the batch in flight, commits and returns."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: finishing the batch in flight, then exiting", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def connect_redis(redis_settings: Any) -> Any:
-    """A pinged `redis.Redis` client, with bounded retries (StartupError when unreachable)."""
-    import redis
-
-    from monitor.kafka_io import with_retries
-
-    def connect() -> Any:
-        client = redis.Redis.from_url(redis_settings.url, socket_connect_timeout=5, **redis_settings.client_kwargs())
-        client.ping()
-        return client
-
-    return with_retries(
-        connect,
-        what="Redis",
-        where=redis_settings.url,
-        retries=redis_settings.connect_retries,
-        backoff_s=redis_settings.retry_backoff_s,
-        fix="start Redis or set DLSR_REDIS__URL",
-    )
-
-
-def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_signals: bool = True) -> RunStats:
+def run_monitor(settings: Settings, stop: threading.Event | None = None, *, handle_signals: bool = True) -> RunStats:
     """Wire the service from `config.Settings` and run it until SIGTERM/SIGINT (or `stop`).
 
     Raises StartupError (one line) when Kafka or Redis is unreachable after the configured retries.
     """
-    from monitor.hotswap import ModelWatcher
-    from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics
-    from monitor.kafka_io import kafka_retry as kafka_retry_policy
-    from monitor.keys import Keys
-
     stop = stop or threading.Event()
     if handle_signals:
         install_signal_handlers(stop)
@@ -528,7 +540,7 @@ def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_si
     )
     sink = kafka_retry(lambda: KafkaSink(kafka))
 
-    from dlsr.detector import load_detector
+    from dlsr.artifacts import load_detector  # torch and timm: loaded only by the running service
 
     device = settings.model.device
     events: queue.Queue = queue.Queue()

@@ -1,4 +1,4 @@
-"""Every Redis effect of the monitor, and the read functions the dashboard uses. Keys come from `monitor.keys`.
+"""Every Redis effect of the monitor's hot path. Keys come from `common.keys`.
 
 Exactly-once effects: `apply_batch` runs one Lua script per (batch, partition) that compares each record's
 offset with the partition's applied-offset watermark, applies only newer ones (window counters, sources,
@@ -12,8 +12,9 @@ only succeeds if no record of that source was applied meanwhile (a per-source ve
 apply script). A transition gets a sequence number; its alert id is `drift:<source>:<seq>` and it is re-emitted
 until `mark_drift_emitted` confirms the broker acknowledged it (at-least-once, same id).
 
-Read functions for the dashboard and CLI (all return plain data): `read_sources`, `read_window`,
-`read_drift`, `read_heartbeats`, `read_recent_alerts`, `read_model`, `read_baseline`, `read_watermark`.
+The baseline reservoir (written by the trainer, read here for the threshold in force) is
+`common.baseline.BaselineReservoir`, available as `MonitorState.baseline`; the read-only views for the dashboard
+and operator commands are in `console.views`.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ import json
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from dlsr_monitor.common.baseline import BaselineReservoir
+from dlsr_monitor.common.contract import DriftAlert, WindowStats
+from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.recent_alerts import RecentAlerts
+from dlsr_monitor.common.redisdata import as_int, as_str
+from dlsr_monitor.monitor.drift import DriftTest
 
-from monitor.contract import DriftAlert, WindowStats
-from monitor.drift import DriftTest
-from monitor.keys import Keys
+if TYPE_CHECKING:
+    import redis
+
+    from dlsr_monitor.config.settings import MonitorSettings
 
 # KEYS: 1 watermark, 2 sources zset, 3 recent alerts list, 4.. bucket hashes then drift hashes
 # ARGV: 1 JSON {r: [[offset, bucket_key_idx, drift_key_idx, scored, ood, score, source, ts], ...],
@@ -94,26 +101,6 @@ return 1
 """
 
 
-def _s(v: Any) -> str | None:
-    if v is None:
-        return None
-    return v.decode() if isinstance(v, bytes | bytearray) else str(v)
-
-
-def _i(v: Any, default: int = 0) -> int:
-    try:
-        return int(float(_s(v) or default))
-    except ValueError:
-        return default
-
-
-def _f(v: Any, default: float = 0.0) -> float:
-    try:
-        return float(_s(v) or default)
-    except ValueError:
-        return default
-
-
 @dataclass(frozen=True)
 class WindowRecord:
     """One input message's effect on its source's window (a scored image or a dead letter)."""
@@ -130,31 +117,6 @@ class WindowRecord:
 class ApplyResult:
     applied: int
     skipped: int
-
-
-@dataclass(frozen=True)
-class WindowBucket:
-    """Counters of one source in one time bucket."""
-
-    start: float
-    images: int
-    ood: int
-    score_sum: float
-    dead: int
-
-    @property
-    def mean_score(self) -> float:
-        return self.score_sum / self.images if self.images else float("nan")
-
-
-@dataclass(frozen=True)
-class SourceSummary:
-    """A source as the dashboard lists it."""
-
-    source: str
-    last_ts: float
-    drift_state: str
-    window: dict[str, Any] = field(default_factory=dict)
 
 
 class MonitorState:
@@ -174,7 +136,7 @@ class MonitorState:
 
     def __init__(
         self,
-        redis: Any,
+        redis: redis.Redis,
         keys: Keys,
         *,
         bucket_s: int = 60,
@@ -191,15 +153,15 @@ class MonitorState:
         self.window_buckets = int(window_buckets)
         self.window_ttl_s = int(window_ttl_s)
         self.recent_alerts_max = int(recent_alerts_max)
-        self.baseline_max = int(baseline_max)
-        self.baseline_min = int(baseline_min)
         self.heartbeat_ttl_s = int(heartbeat_ttl_s)
+        self.baseline = BaselineReservoir(redis, keys, max_size=baseline_max, min_size=baseline_min)
+        self.recent_alerts = RecentAlerts(redis, keys, max_len=recent_alerts_max)
         self._apply = redis.register_script(_APPLY)
         self._drift_cas = redis.register_script(_DRIFT_CAS)
         self._mark_emitted = redis.register_script(_MARK_EMITTED)
 
     @classmethod
-    def from_settings(cls, redis: Any, keys: Keys, monitor: Any) -> MonitorState:
+    def from_settings(cls, redis: redis.Redis, keys: Keys, monitor: MonitorSettings) -> MonitorState:
         """Build from a `config.settings.MonitorSettings`."""
         return cls(
             redis,
@@ -335,27 +297,20 @@ class MonitorState:
         res = pipe.execute()
         if res[-1] is not None and self.bucket_of(float(res[-1])) != top:
             return self._drift_snapshot(source)  # the window moved between the two reads
-        images = sum(_i(r[0]) for r in res[: len(buckets)])
-        ood = sum(_i(r[1]) for r in res[: len(buckets)])
+        images = sum(as_int(r[0]) for r in res[: len(buckets)])
+        ood = sum(as_int(r[1]) for r in res[: len(buckets)])
         state, ver, seq, emitted, alert = res[len(buckets)]
         return {
-            "state": "raised" if _s(state) == "raised" else "ok",
-            "ver": _i(ver),
-            "seq": _i(seq),
-            "emitted": _i(emitted),
-            "alert": _s(alert),
+            "state": "raised" if as_str(state) == "raised" else "ok",
+            "ver": as_int(ver),
+            "seq": as_int(seq),
+            "emitted": as_int(emitted),
+            "alert": as_str(alert),
             "images": images,
             "ood": ood,
             "since": float(buckets[0] * self.bucket_s),
             "until": float((top + 1) * self.bucket_s),
         }
-
-    def push_alert(self, alert_json: str) -> None:
-        """Add an alert to the dashboard list (model alerts; OOD and drift alerts go through the scripts)."""
-        pipe = self.redis.pipeline()
-        pipe.lpush(self.keys.recent_alerts(), alert_json)
-        pipe.ltrim(self.keys.recent_alerts(), 0, self.recent_alerts_max - 1)
-        pipe.execute()
 
     # ---- heartbeats ------------------------------------------------------------------------------
     def heartbeat(
@@ -390,188 +345,3 @@ class MonitorState:
         self.redis.delete(self.keys.heartbeat(instance))
         self.redis.zrem(self.keys.heartbeats(), instance)
 
-    # ---- baseline reservoir and threshold ---------------------------------------------------------
-    def add_baseline_scores(self, version: str, scores: Iterable[float], alpha: float | None = None) -> float | None:
-        """Add vetted-ID scores of `version` to its reservoir (capped, most recent kept) and recompute its
-        conformal threshold. Only vetted data may be passed here: this is what moves a threshold.
-
-        Returns the new threshold, or None while the reservoir is below `baseline_min`.
-        """
-        values = [float(s) for s in scores if math.isfinite(float(s))]
-        if values:
-            pipe = self.redis.pipeline()
-            pipe.lpush(self.keys.baseline(version), *[repr(v) for v in values])
-            pipe.ltrim(self.keys.baseline(version), 0, self.baseline_max - 1)
-            pipe.hincrby(self.keys.baseline_meta(version), "seen", len(values))
-            pipe.execute()
-        if alpha is None:
-            alpha = self._entry_alpha(version)
-        if alpha is None:
-            return None
-        return self._recompute_threshold(version, float(alpha))
-
-    def _recompute_threshold(self, version: str, alpha: float) -> float | None:
-        from dlsr.calibration import conformal_threshold
-
-        scores = np.array([_f(v) for v in self.redis.lrange(self.keys.baseline(version), 0, -1)], dtype=np.float64)
-        if scores.size < self._min_reservoir(alpha):
-            return None
-        threshold = float(conformal_threshold(scores, alpha))
-        self.redis.hset(
-            self.keys.baseline_meta(version),
-            mapping={"threshold": repr(threshold), "alpha": repr(alpha), "n": scores.size, "updated": time.time()},
-        )
-        return threshold
-
-    def _min_reservoir(self, alpha: float) -> int:
-        # Below ceil(1/alpha) - 1 scores the conformal rank exceeds n and no finite threshold exists.
-        return max(self.baseline_min, int(math.ceil(1.0 / alpha)))
-
-    def baseline_scores(self, version: str) -> np.ndarray:
-        """The reservoir (most recent first)."""
-        return np.array([_f(v) for v in self.redis.lrange(self.keys.baseline(version), 0, -1)], dtype=np.float64)
-
-    def baseline_threshold(self, version: str, alpha: float) -> float | None:
-        """Threshold in force for `version`: the reservoir's conformal threshold once it holds enough vetted
-        scores, else the registry entry's threshold, else None."""
-        meta = self.redis.hgetall(self.keys.baseline_meta(version))
-        meta = {_s(k): _s(v) for k, v in meta.items()}
-        if (
-            meta.get("threshold")
-            and meta.get("alpha")
-            and abs(float(meta["alpha"]) - alpha) < 1e-12
-            and _i(meta.get("n")) >= self._min_reservoir(alpha)
-        ):
-            return float(meta["threshold"])
-        if self.redis.llen(self.keys.baseline(version)) >= self._min_reservoir(alpha):
-            value = self._recompute_threshold(version, alpha)
-            if value is not None:
-                return value
-        raw = self.redis.hget(self.keys.model_entry(version), "threshold")
-        return _f(raw, float("nan")) if raw is not None else None
-
-    def _entry_alpha(self, version: str) -> float | None:
-        raw = self.redis.hget(self.keys.model_entry(version), "alpha")
-        return _f(raw) if raw is not None else None
-
-    # ---- reads for the dashboard / CLI ----------------------------------------------------------------
-    def read_sources(self) -> list[SourceSummary]:
-        """Every source seen, most recent first, with its drift state and last window statistics."""
-        rows = self.redis.zrevrange(self.keys.sources(), 0, -1, withscores=True)
-        out = []
-        for name, score in rows:
-            source = _s(name) or ""
-            d = self.read_drift(source)
-            out.append(SourceSummary(source, float(score), d.get("state", "ok"), d))
-        return out
-
-    def read_window(self, source: str, since: float, until: float | None = None) -> list[WindowBucket]:
-        """Buckets of `source` from `since` to `until` (default now), oldest first; empty buckets included."""
-        until = time.time() if until is None else until
-        first, last = self.bucket_of(since), self.bucket_of(until)
-        if last - first > 10_000:
-            first = last - 10_000
-        pipe = self.redis.pipeline()
-        for b in range(first, last + 1):
-            pipe.hgetall(self.keys.window_bucket(source, b))
-        out = []
-        for b, raw in zip(range(first, last + 1), pipe.execute(), strict=True):
-            h = {_s(k): v for k, v in raw.items()}
-            out.append(
-                WindowBucket(
-                    float(b * self.bucket_s),
-                    _i(h.get("images")),
-                    _i(h.get("ood")),
-                    _f(h.get("score_sum")),
-                    _i(h.get("dead")),
-                )
-            )
-        return out
-
-    def window_totals(self, source: str, since: float = 0.0, until: float | None = None) -> dict[str, float]:
-        """Sums of a source's counters over [since, until] (tests and `dlsr` status use it)."""
-        if until is None:
-            last = self.redis.zscore(self.keys.sources(), source)
-            until = float(last) if last is not None else time.time()
-        if since <= 0.0:
-            since = until - self.window_ttl_s
-        buckets = self.read_window(source, since, until)
-        return {
-            "images": sum(b.images for b in buckets),
-            "ood": sum(b.ood for b in buckets),
-            "dead": sum(b.dead for b in buckets),
-            "score_sum": sum(b.score_sum for b in buckets),
-        }
-
-    def read_drift(self, source: str) -> dict[str, Any]:
-        """Drift hash of one source: state, images, ood, rate, p_value, null_rate, since, seq, evaluated."""
-        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.drift(source)).items()}
-        out: dict[str, Any] = {"state": raw.get("state") or "ok"}
-        for k in ("images", "ood", "seq", "ver"):
-            out[k] = _i(raw.get(k))
-        for k in ("rate", "p_value", "null_rate", "since", "evaluated"):
-            if raw.get(k):
-                out[k] = _f(raw.get(k))
-        return out
-
-    def read_heartbeats(self) -> list[dict[str, Any]]:
-        """Live monitor instances (expired ones are dropped from the index)."""
-        out = []
-        for name in self.redis.zrange(self.keys.heartbeats(), 0, -1):
-            instance = _s(name) or ""
-            raw = self.redis.hgetall(self.keys.heartbeat(instance))
-            if not raw:
-                self.redis.zrem(self.keys.heartbeats(), instance)
-                continue
-            h = {_s(k): _s(v) for k, v in raw.items()}
-            out.append(
-                {
-                    "instance": instance,
-                    "model_version": h.get("model_version") or None,
-                    "rate": _f(h.get("rate")),
-                    "lag": _i(h.get("lag")) if h.get("lag") not in (None, "") else None,
-                    "ts": _f(h.get("ts")),
-                    **{k: v for k, v in h.items() if k not in ("instance", "model_version", "rate", "lag", "ts")},
-                }
-            )
-        return out
-
-    def read_recent_alerts(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Newest first, as dicts (each has `kind`: ood / drift / model)."""
-        out = []
-        for raw in self.redis.lrange(self.keys.recent_alerts(), 0, max(0, limit - 1)):
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
-        return out
-
-    def read_model(self) -> dict[str, Any]:
-        """Current version, its registry entry and its baseline (threshold in force, reservoir size)."""
-        version = _s(self.redis.get(self.keys.model_current()))
-        if version is None:
-            return {"version": None}
-        entry = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.model_entry(version)).items()}
-        alpha = _f(entry.get("alpha"), float("nan"))
-        return {
-            "version": version,
-            "entry": entry,
-            "registry_threshold": _f(entry.get("threshold"), float("nan")),
-            "alpha": alpha,
-            "baseline": self.read_baseline(version),
-        }
-
-    def read_baseline(self, version: str) -> dict[str, Any]:
-        """Reservoir size, scores seen, and its conformal threshold (if computed)."""
-        meta = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.baseline_meta(version)).items()}
-        return {
-            "size": int(self.redis.llen(self.keys.baseline(version))),
-            "seen": _i(meta.get("seen")),
-            "threshold": _f(meta.get("threshold"), float("nan")) if meta.get("threshold") else None,
-            "alpha": _f(meta.get("alpha")) if meta.get("alpha") else None,
-        }
-
-    def read_watermark(self, group: str, topic: str, partition: int) -> int:
-        """Highest applied input offset of a partition (-1 when none)."""
-        raw = self.redis.get(self.keys.watermark(group, topic, partition))
-        return _i(raw, -1) if raw is not None else -1

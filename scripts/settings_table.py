@@ -83,7 +83,7 @@ def rows(settings_cls: type[BaseModel]) -> list[tuple[str, str, str, str]]:
 def table(settings_cls: type[BaseModel] | None = None) -> str:
     """The markdown table, markers included."""
     if settings_cls is None:
-        from config import Settings
+        from dlsr_monitor.config import Settings
 
         settings_cls = Settings
     lines = [BEGIN, "| env var | type | default | what it does |", "|---|---|---|---|"]

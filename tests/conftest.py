@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tansu() -> Iterator[str]:
     """A Tansu broker (in-memory storage) for the whole session; yields its bootstrap address."""
-    from monitor.embedded import TansuBroker
+    from dlsr_monitor.demo.embedded import TansuBroker
 
     try:
         broker = TansuBroker().start()
@@ -38,7 +38,7 @@ def tansu() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """URL of the Redis the tests use (DLSR_TEST_REDIS_URL, default the local one); fails when unreachable."""
-    from monitor.embedded import redis_reachable
+    from dlsr_monitor.demo.embedded import redis_reachable
 
     url = os.environ.get("DLSR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     if not redis_reachable(url, 2.0):
@@ -68,8 +68,8 @@ def prefix() -> str:
 
 @pytest.fixture
 def keys(prefix, redis_client):
-    """`monitor.keys.Keys` under the test's own prefix; every key under it is deleted afterwards."""
-    from monitor.keys import Keys
+    """`common.keys.Keys` under the test's own prefix; every key under it is deleted afterwards."""
+    from dlsr_monitor.common.keys import Keys
 
     k = Keys(prefix)
     try:
@@ -77,6 +77,18 @@ def keys(prefix, redis_client):
     finally:
         for name in redis_client.scan_iter(k.all_pattern(), count=1000):
             redis_client.delete(name)
+
+
+@pytest.fixture
+def rkeys(redis_url, keys):
+    """`(client, keys)`: a client with str replies on the test Redis and the test's own key prefix."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client, keys
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,7 @@ def topics() -> TopicNames:
 
 def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
     """Create topics on the broker (existing ones are left alone)."""
-    from monitor.kafka_io import ensure_topics
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     ensure_topics(bootstrap, names, partitions=partitions)
 
@@ -116,7 +128,7 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
 @pytest.fixture
 def test_settings(tansu, redis_url, prefix, topics, tmp_path):
     """A full `config.Settings` wired to the test broker, Redis, prefix, topics and a tmp artifact store."""
-    from config import Settings
+    from dlsr_monitor.config import Settings
 
     return Settings(
         kafka={
@@ -210,7 +222,7 @@ def small_model(data_dir) -> SmallModel:
 @pytest.fixture
 def published_model(small_model, test_settings, redis_client, keys):
     """`small_model` published as the live version in this test's registry (prefix + tmp artifact store)."""
-    from monitor.registry import Registry
+    from dlsr_monitor.common.registry import Registry
 
     registry = Registry(redis_client, keys, test_settings.model.artifact_store)
     return registry.publish(

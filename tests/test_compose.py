@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from config import Settings
+from dlsr_monitor.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "scripts" / "compose-spec" / "compose_spec.json").read_text())
@@ -145,7 +145,7 @@ def test_dockerfile_and_env_example_name_only_real_settings(monkeypatch):
 
 
 def test_monitor_healthcheck_reads_the_real_heartbeat_key():
-    from monitor.keys import Keys
+    from dlsr_monitor.common.keys import Keys
 
     check = " ".join(_load("docker-compose.yml")["services"]["monitor"]["healthcheck"]["test"])
     assert f"'{Keys(Settings().redis.prefix).heartbeats()}'" in check

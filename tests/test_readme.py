@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.main import build_parser, subparsers
+from dlsr_monitor.cli.main import build_parser, subparsers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -41,7 +41,7 @@ def test_settings_table_is_generated_from_the_settings_model():
     table = mod.table()
     assert table in README, "README settings table is stale: run `make settings-table`"
     # Every field of every section is in it, so the table cannot silently omit a setting.
-    from config import Settings
+    from dlsr_monitor.config import Settings
 
     for section, field in Settings.model_fields.items():
         for name in field.annotation.model_fields:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.keys import Keys
+from dlsr_monitor.common.keys import Keys
 
 RUNNING = "running"
 PROMOTED = "promoted"

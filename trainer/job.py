@@ -19,12 +19,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from monitor.keys import Keys
-from monitor.registry import PointerConflictError, Registry
-from trainer import gates as G
-from trainer.history import CONFLICT, FAILED, PROMOTED, REJECTED, JobHistory, JobRecord
-from trainer.intake import VettedStore, split_entries
-from trainer.lock import JobLock
+from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.registry import PointerConflictError, Registry
+from dlsr_monitor.trainer import gates as G
+from dlsr_monitor.trainer.history import CONFLICT, FAILED, PROMOTED, REJECTED, JobHistory, JobRecord
+from dlsr_monitor.trainer.intake import VettedStore, split_entries
+from dlsr_monitor.trainer.lock import JobLock
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class JobContext:
     ops: ModelOps
     config: JobConfig = field(default_factory=JobConfig)
     history: JobHistory | None = None
-    on_alert: Callable[[Any], None] | None = None  # receives a monitor.contract.ModelAlert
+    on_alert: Callable[[Any], None] | None = None  # receives a common.contract.ModelAlert
     add_baseline: Callable[[str, np.ndarray], None] | None = None  # (version, scores) -> reservoir
     owner: str = field(default_factory=lambda: socket.gethostname())
 
@@ -99,7 +99,7 @@ def _last_total(history: JobHistory) -> int:
 
 def _model_alert(version: str, previous: str | None, reason: str) -> Any:
     try:
-        from monitor.contract import ModelAlert
+        from dlsr_monitor.common.contract import ModelAlert
     except ImportError:  # contract not there: the job still publishes; the alert is simply not sent
         return None
     return ModelAlert(

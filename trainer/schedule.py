@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from monitor.hotswap import ModelWatcher
-from monitor.keys import Keys
-from monitor.registry import Registry
-from trainer.history import JobHistory, JobRecord
-from trainer.intake import VettedIntake, VettedStore
-from trainer.job import JobConfig, JobContext, run_job
-from trainer.lock import JobLock
+from dlsr_monitor.common.hotswap import ModelWatcher
+from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.registry import Registry
+from dlsr_monitor.trainer.history import JobHistory, JobRecord
+from dlsr_monitor.trainer.intake import VettedIntake, VettedStore
+from dlsr_monitor.trainer.job import JobConfig, JobContext, run_job
+from dlsr_monitor.trainer.lock import JobLock
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,10 @@ def build_service(
 
     Raises StartupError when Redis or Kafka is unreachable after the configured retries.
     """
-    from monitor.service import connect_redis
-    from monitor.state import MonitorState
-    from trainer.ops import DlsrOps
+    from dlsr_monitor.common.baseline import BaselineReservoir
+    from dlsr_monitor.common.connections import connect_redis
+    from dlsr_monitor.common.recent_alerts import RecentAlerts
+    from dlsr_monitor.trainer.ops import DlsrOps
 
     tr, model = settings.trainer, settings.model
     redis = connect_redis(settings.redis)
@@ -200,7 +201,8 @@ def build_service(
     registry = Registry(redis, keys, model.artifact_store)
     store = VettedStore(tr.workdir)
     ops = ops or DlsrOps(model, tr.detector, tr.refit_epochs)
-    state = MonitorState(redis, keys, baseline_max=tr.baseline_max)
+    reservoir = BaselineReservoir(redis, keys, max_size=tr.baseline_max)
+    recent = RecentAlerts(redis, keys)
     alpha = model.alpha
     on_alert = None
     source = None
@@ -208,7 +210,8 @@ def build_service(
     if intake or alerts:
         import functools
 
-        from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, kafka_retry
+        from dlsr_monitor.common.connections import kafka_retry
+        from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
 
         kafka = settings.kafka
         retry = functools.partial(kafka_retry, kafka)
@@ -223,11 +226,11 @@ def build_service(
             sink = retry(lambda: KafkaSink(kafka))
 
             def on_alert(alert: Any) -> None:
-                from monitor.contract import alert_to_json
+                from dlsr_monitor.common.contract import alert_to_json
 
                 sink.send(kafka.alerts_topic, alert.source.encode(), alert.to_bytes())
                 sink.flush(30.0)
-                state.push_alert(alert_to_json(alert))
+                recent.push(alert_to_json(alert))
 
     ctx = JobContext(
         redis=redis,
@@ -238,7 +241,7 @@ def build_service(
         config=job_config(tr, alpha),
         history=JobHistory(redis, keys, keep=tr.keep_jobs),
         on_alert=on_alert,
-        add_baseline=lambda v, s: state.add_baseline_scores(v, s, alpha),
+        add_baseline=lambda v, s: reservoir.add(v, s, alpha),
     )
     watcher = ModelWatcher(redis, keys, model.artifact_store, ops.load, poll_s=tr.poll_s)
     return TrainerService(
@@ -247,7 +250,7 @@ def build_service(
         min_new_vetted=tr.min_new_vetted,
         lock_ttl_s=tr.lock_ttl_s,
         intake=VettedIntake(source, store) if source is not None else None,
-        baseline=lambda v, s: state.add_baseline_scores(v, s, alpha),
+        baseline=lambda v, s: reservoir.add(v, s, alpha),
         progress=progress,
         watcher=watcher,
     )

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bench import common
-from cli.main import main
+from dlsr_monitor.bench import common
+from dlsr_monitor.cli.main import main
 
 TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32"]
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cli.main import main
+from dlsr_monitor.cli.main import main
 
 
 @pytest.fixture(autouse=True)

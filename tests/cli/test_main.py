@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import build_parser, main, subparsers
+from dlsr_monitor.cli.main import build_parser, main, subparsers
 
 
 def _walk(parser, path=()):
@@ -97,7 +97,7 @@ def test_bad_toml_is_one_line(monkeypatch, tmp_path, capsys):
 
 def test_console_script_help_runs():
     exe = Path(sys.executable).with_name("dlsr")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "dlsr_monitor.cli.main"]
     proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "dashboard" in proc.stdout and "demo" in proc.stdout

@@ -7,7 +7,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from config import Settings, settings_error_lines
+from dlsr_monitor.config import Settings, settings_error_lines
 
 
 @pytest.fixture(autouse=True)

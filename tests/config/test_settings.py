@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from config import ConfigFileError, Settings, load_settings
-from config.settings import KafkaSettings, RedisSettings
+from dlsr_monitor.config import ConfigFileError, Settings, load_settings
+from dlsr_monitor.config.settings import KafkaSettings, RedisSettings
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,7 @@ def test_unknown_keys_are_refused_in_every_section(monkeypatch):
 
 
 def test_trainer_detector_arguments_must_fit_the_detector_kind(monkeypatch):
-    from config.errors import settings_error_lines
+    from dlsr_monitor.config.errors import settings_error_lines
 
     monkeypatch.setenv("DLSR_MODEL__DETECTOR", "mahalanobis")
     monkeypatch.setenv("DLSR_TRAINER__DETECTOR", '{"n_blocks": 8, "shrinkage": 0.1}')
@@ -127,9 +127,9 @@ def test_trainer_detector_arguments_must_fit_the_detector_kind(monkeypatch):
 def test_detector_argument_table_matches_the_dlsr_classes():
     import inspect
 
-    from config.settings import DETECTOR_ARGUMENTS
     from dlsr.baselines import KNNDetector, MahalanobisDetector
     from dlsr.detector import DLSRDetector
+    from dlsr_monitor.config.settings import DETECTOR_ARGUMENTS
 
     # The trainer passes encoder, device, boundaries and progress itself.
     own = {"self", "encoder", "device", "boundaries", "progress"}

@@ -177,7 +177,7 @@ class MonitorProcess:
         env.update({f"DLSR_MONITOR__{key.upper()}": str(val) for key, val in monitor_env.items()})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "--log-level", "INFO"],
+            [sys.executable, "-m", "dlsr_monitor.monitor", "--log-level", "INFO"],
             cwd=workdir,  # away from the repository's .env / dlsr.toml
             env=env,
             stdout=self._log,

@@ -9,8 +9,8 @@ from collections import defaultdict
 
 import pytest
 
-from monitor.contract import DLQ_ORIGIN, parse_score
-from monitor.state import MonitorState
+from dlsr_monitor.common.contract import DLQ_ORIGIN, parse_score
+from dlsr_monitor.console.views import StateView
 from tests.integration.conftest import Item, corrupt_payloads, load_images, produce, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -21,7 +21,7 @@ N_IMAGES, N_BAD = 400, 10
 def test_sigkill_mid_stream_then_restart_loses_nothing(
     test_settings, published_model, data_dir, tansu, topics, monitors, readers, redis_client, keys
 ):
-    from monitor.kafka_io import ensure_topics
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     ensure_topics(tansu, [topics.input, topics.scores, topics.alerts, topics.dlq], partitions=3)
     images = load_images(data_dir, "cifar10", "test", N_IMAGES, seed=5)
@@ -72,7 +72,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     print(f"\n{len(recs)} score records for {N_IMAGES} images ({len(dupes)} inputs replayed after SIGKILL); "
           f"{len(dlq.records)} dead letters for {N_BAD} bad payloads")
 
-    state = MonitorState.from_settings(redis_client, keys, test_settings.monitor)
+    state = StateView.from_settings(redis_client, keys, test_settings.monitor)
     images_counted = sum(state.window_totals(s)["images"] for s in ("cam0", "cam1"))
     dead_counted = sum(state.window_totals(s)["dead"] for s in ("cam0", "cam1"))
     assert images_counted == N_IMAGES, "Redis counts each distinct message once, replays included"

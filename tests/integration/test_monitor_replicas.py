@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from monitor.contract import DriftAlert, parse_alert, parse_score
-from monitor.state import MonitorState
+from dlsr_monitor.common.contract import DriftAlert, parse_alert, parse_score
+from dlsr_monitor.console.views import StateView
 from tests.integration.conftest import Item, load_images, produce, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 def test_two_replicas_in_one_group_give_one_process_totals(
     test_settings, published_model, data_dir, tansu, topics, monitors, readers, redis_client, keys
 ):
-    from monitor.kafka_io import ensure_topics
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     ensure_topics(tansu, [topics.input, topics.scores, topics.alerts, topics.dlq], partitions=4)
     cifar = load_images(data_dir, "cifar10", "test", 240, seed=11)
@@ -26,7 +26,7 @@ def test_two_replicas_in_one_group_give_one_process_totals(
     items = [Item(v, f"cam{'ABC'[i % 3]}", "id", f"r-{i}") for i, v in enumerate(cifar[:200])]
     items += [Item(v, "camD", "id", f"d-{i}") for i, v in enumerate(cifar[200:])]
     items += [Item(v, "camD", "ood", f"d-ood-{i}") for i, v in enumerate(mnist)]
-    state = MonitorState.from_settings(redis_client, keys, test_settings.monitor)
+    state = StateView.from_settings(redis_client, keys, test_settings.monitor)
     scores, alerts = readers(topics.scores), readers(topics.alerts)
 
     a, b = monitors("replica-a"), monitors("replica-b")

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from monitor.contract import DLQ_ERROR, DLQ_ORIGIN, DriftAlert, OodAlert, parse_alert, parse_score
-from monitor.state import MonitorState
+from dlsr_monitor.common.contract import DLQ_ERROR, DLQ_ORIGIN, DriftAlert, OodAlert, parse_alert, parse_score
+from dlsr_monitor.console.views import StateView
 from tests.integration.conftest import Item, corrupt_payloads, load_images, produce, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 def test_300_messages_scores_dead_letters_alerts_drift(
     test_settings, published_model, data_dir, tansu, topics, monitors, readers, redis_client, keys
 ):
-    from monitor.kafka_io import ensure_topics
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     ensure_topics(tansu, [topics.input, topics.scores, topics.alerts, topics.dlq], partitions=3)
     cifar = load_images(data_dir, "cifar10", "test", 210, seed=3)
@@ -68,7 +68,7 @@ def test_300_messages_scores_dead_letters_alerts_drift(
     assert [(a.source, a.state) for a in drift] == [("camB", "raised")], drift
     assert drift[0].window.ood >= 5 and drift[0].window.p_value < 1e-6  # raised early: detection is fast
 
-    state = MonitorState.from_settings(redis_client, keys, test_settings.monitor)
+    state = StateView.from_settings(redis_client, keys, test_settings.monitor)
     totals = {s: state.window_totals(s) for s in ("camA", "camB", "camC")}
     assert totals["camA"]["images"] == 150 and totals["camB"]["images"] == 120
     assert totals["camC"]["dead"] == 30 and totals["camC"]["images"] == 0

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def dlsr(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", "dlsr_monitor.cli.main", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -116,7 +116,7 @@ def test_service_takes_in_vetted_runs_on_trigger_and_stops_on_sigterm(
 
     env = {**env, "DLSR_TRAINER__POLL_S": "0.3", "DLSR_TRAINER__MIN_NEW_VETTED": "1000"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "--log-level", "INFO"],
+        [sys.executable, "-m", "dlsr_monitor.trainer", "--log-level", "INFO"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -31,7 +31,7 @@ TINY = {"n_blocks": 2, "epochs": 3, "batch_size": 128}
 @pytest.fixture
 def settings(test_settings, tmp_path, tmp_path_factory):
     """Test settings with a tiny detector, alpha 0.05 (small calibration sets suffice), a session feature cache."""
-    from config.settings import TrainerSettings
+    from dlsr_monitor.config.settings import TrainerSettings
 
     cache = tmp_path_factory.getbasetemp() / "trainer-feature-cache"
     model = test_settings.model.model_copy(update={"alpha": 0.05, "feature_cache": cache, "batch_size": 32})
@@ -147,7 +147,7 @@ class Monitor:
     """`run_monitor` in a thread, stopped like SIGTERM would."""
 
     def __init__(self, settings) -> None:
-        from monitor.service import run_monitor
+        from dlsr_monitor.monitor.service import run_monitor
 
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -169,8 +169,8 @@ class Monitor:
 
 def _first_model(settings, data_dir):
     """A trainer service (with vetted intake) and v1 published from N_FIT CIFAR-10 train images."""
-    from trainer.intake import ingest_path
-    from trainer.schedule import build_service
+    from dlsr_monitor.trainer.intake import ingest_path
+    from dlsr_monitor.trainer.schedule import build_service
 
     svc = build_service(settings, intake=True, progress=False)
     ingest_path(svc.ctx.store, data_dir / "cifar10" / "train.zip", limit=N_FIT)
@@ -212,7 +212,7 @@ def _runs(seq: list[str]) -> list[str]:
 def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, keys):
     from kafka import KafkaProducer
 
-    from monitor.registry import Registry
+    from dlsr_monitor.common.registry import Registry
 
     kafka = settings.kafka
     svc = _first_model(settings, data_dir)
@@ -298,7 +298,7 @@ def test_swap_during_a_stream_then_rollback(settings, data_dir, redis_client, ke
 
 def test_corrupted_artifact_is_refused_and_v1_keeps_serving(settings, data_dir, redis_client, keys):
     from dlsr.artifacts import load_detector
-    from monitor.registry import Registry
+    from dlsr_monitor.common.registry import Registry
 
     kafka = settings.kafka
     svc = _first_model(settings, data_dir)
@@ -352,8 +352,8 @@ def test_corrupted_artifact_is_refused_and_v1_keeps_serving(settings, data_dir, 
 def test_gate_failure_is_recorded_and_not_promoted(settings, data_dir):
     # The reference OOD set is CIFAR-10 test itself: no model can tell it from the vetted ID data (AUROC ~0.5),
     # so the AUROC gate must refuse the candidate and say by how much.
-    from trainer.intake import ingest_path
-    from trainer.schedule import build_service
+    from dlsr_monitor.trainer.intake import ingest_path
+    from dlsr_monitor.trainer.schedule import build_service
 
     trainer = settings.trainer.model_copy(
         update={"reference_ood": data_dir / "cifar10" / "test.zip", "min_auroc": 0.9}

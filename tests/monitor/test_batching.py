@@ -1,4 +1,6 @@
-from monitor.batching import MemorySink, MemorySource, Message, SinkError, collect_batch
+from dlsr_monitor.common.streams import Message, SinkError
+from dlsr_monitor.common.testing import MemorySink, MemorySource
+from dlsr_monitor.monitor.batching import collect_batch
 
 
 def _msgs(n, partition=0):

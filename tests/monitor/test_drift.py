@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from monitor.drift import DriftTest, SlidingDrift, binom_sf
+from dlsr_monitor.monitor.drift import DriftTest, SlidingDrift, binom_sf
 
 
 def _brute_sf(k: int, n: int, p: float) -> float:

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from config.settings import MonitorSettings
-from monitor.batching import MemorySink, MemorySource, Message, SinkError
-from monitor.contract import DLQ_ERROR, parse_alert, parse_score
-from monitor.service import MonitorService, OutputTopics
-from monitor.state import MonitorState
+from dlsr_monitor.common.contract import DLQ_ERROR, parse_alert, parse_score
+from dlsr_monitor.common.streams import Message, SinkError
+from dlsr_monitor.common.testing import MemorySink, MemorySource
+from dlsr_monitor.config.settings import MonitorSettings
+from dlsr_monitor.console.views import StateView
+from dlsr_monitor.monitor.service import MonitorService, OutputTopics
+from dlsr_monitor.monitor.state import MonitorState
 
 TOPICS = OutputTopics("scores", "alerts", "dlq")
 TS = 1_700_000_000_000  # ms
@@ -54,6 +56,11 @@ def _stream(spec, topic="in"):
         value = {"dark": _png(20), "bright": _png(240), "corrupt": b"\x89PNG not really"}[kind]
         out.append(Message(topic, p, off, value, key=source.encode(), timestamp_ms=TS + len(out)))
     return out
+
+
+def view(svc: MonitorService) -> StateView:
+    """What an operator would read of this service's Redis state."""
+    return StateView(svc.state.redis, svc.state.keys, bucket_s=svc.state.bucket_s)
 
 
 @pytest.fixture
@@ -103,9 +110,9 @@ def test_scores_dead_letters_and_ood_alerts(make_service):
     # Every input accounted for; offsets committed past the last message of each partition.
     assert len(scores) + len(dead) == len(spec)
     assert src.committed == {("in", 0): 23, ("in", 1): 24}
-    t = svc.state.window_totals("camA")
+    t = view(svc).window_totals("camA")
     assert (t["images"], t["ood"], t["dead"]) == (43, 3, 4)
-    assert svc.state.read_heartbeats()[0]["instance"] == "t1"  # a heartbeat was written
+    assert view(svc).read_heartbeats()[0]["instance"] == "t1"  # a heartbeat was written
 
 
 def test_batches_respect_the_size_cap(make_service):
@@ -123,7 +130,7 @@ def test_drift_alert_for_the_source_that_turned_ood(make_service):
     alerts = [parse_alert(r.value) for r in sink.on("alerts")]
     drift = [a for a in alerts if a.kind == "drift"]
     assert [(a.source, a.state) for a in drift] == [("camB", "raised")]
-    assert svc.state.read_drift("camA")["state"] == "ok"
+    assert view(svc).read_drift("camA")["state"] == "ok"
 
 
 def test_failed_produce_is_not_committed_and_replay_counts_once(make_service):
@@ -133,13 +140,13 @@ def test_failed_produce_is_not_committed_and_replay_counts_once(make_service):
     with pytest.raises(SinkError):
         svc.run(threading.Event(), until_idle=True)
     assert src.committed == {}  # Redis effects of batch 1 applied, but nothing committed
-    assert svc.state.window_totals("camA")["images"] == 16
+    assert view(svc).window_totals("camA")["images"] == 16
     # Restart: everything is redelivered; Redis counts each message once, every message gets a record.
     src.rewind_to_committed()
     sink2 = MemorySink()
     stats = make_service(src, sink2).run(threading.Event(), until_idle=True)
     assert len(sink2.on("scores")) == 24 and stats.replayed == 16
-    assert svc.state.window_totals("camA")["images"] == 24
+    assert view(svc).window_totals("camA")["images"] == 24
     assert src.committed == {("in", 0): 24}
 
 
@@ -155,7 +162,7 @@ def test_two_replicas_share_state_like_one(make_service, redis_client):
     ta.join(30)
     for cam in ("cam0", "cam1", "cam2"):
         expected = [s for s in spec if s[2] == cam]
-        t = a.state.window_totals(cam)
+        t = view(a).window_totals(cam)
         assert t["images"] == len(expected)
         assert t["ood"] == sum(k == "bright" for _, k, _ in expected)
 

@@ -2,11 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from monitor.drift import DriftTest
-from monitor.state import MonitorState, WindowRecord
+from dlsr_monitor.console.views import StateView
+from dlsr_monitor.monitor.drift import DriftTest
+from dlsr_monitor.monitor.state import MonitorState, WindowRecord
 
 T0 = 1_700_000_000.0  # a fixed event time: windows are bucketed by the message's ts, not the wall clock
 
@@ -16,11 +16,17 @@ def state(redis_client, keys):
     return MonitorState(redis_client, keys, bucket_s=60, window_buckets=5, baseline_min=50, heartbeat_ttl_s=5)
 
 
+@pytest.fixture
+def view(redis_client, keys):
+    """The console's read-only view of what `state` writes."""
+    return StateView(redis_client, keys, bucket_s=60)
+
+
 def _recs(offsets, source="camA", ood=(), ts=T0):
     return [WindowRecord(o, source, ts, True, o in ood, 0.5) for o in offsets]
 
 
-def test_apply_is_exactly_once_per_offset(state):
+def test_apply_is_exactly_once_per_offset(state, view):
     r1 = state.apply_batch("g", "in", 0, _recs(range(0, 10), ood={3}), alerts=[(3, '{"kind":"ood"}')])
     assert (r1.applied, r1.skipped) == (10, 0)
     # A replay of the same batch and an overlapping one: only offsets 10..14 are new.
@@ -28,38 +34,38 @@ def test_apply_is_exactly_once_per_offset(state):
     r3 = state.apply_batch("g", "in", 0, _recs(range(5, 15)))
     assert (r2.applied, r2.skipped) == (0, 10)
     assert (r3.applied, r3.skipped) == (5, 5)
-    totals = state.window_totals("camA")
+    totals = view.window_totals("camA")
     assert totals["images"] == 15 and totals["ood"] == 1
     assert totals["score_sum"] == pytest.approx(7.5)
-    assert state.read_watermark("g", "in", 0) == 14
-    assert len(state.read_recent_alerts()) == 1  # the replayed alert was not pushed twice
+    assert view.read_watermark("g", "in", 0) == 14
+    assert len(view.read_recent_alerts()) == 1  # the replayed alert was not pushed twice
     # Another partition has its own watermark.
     assert state.apply_batch("g", "in", 1, _recs(range(0, 3))).applied == 3
-    assert state.window_totals("camA")["images"] == 18
+    assert view.window_totals("camA")["images"] == 18
 
 
-def test_dead_letters_count_separately(state):
+def test_dead_letters_count_separately(state, view):
     state.apply_batch("g", "in", 0, [WindowRecord(0, "s", T0, scored=False), *_recs([1, 2], source="s")])
-    t = state.window_totals("s")
+    t = view.window_totals("s")
     assert (t["images"], t["dead"]) == (2, 1)
 
 
-def test_windows_bucket_by_event_time(state):
+def test_windows_bucket_by_event_time(state, view):
     state.apply_batch("g", "in", 0, _recs([0, 1], ts=T0) + _recs([2], ts=T0 + 120))
-    buckets = state.read_window("camA", T0, T0 + 120)
+    buckets = view.read_window("camA", T0, T0 + 120)
     assert [b.images for b in buckets] == [2, 0, 1]
     assert buckets[0].start == pytest.approx((T0 // 60) * 60)
-    assert [s.source for s in state.read_sources()] == ["camA"]
+    assert [s.source for s in view.read_sources()] == ["camA"]
 
 
-def test_drift_raise_clear_and_reemit_until_marked(state):
+def test_drift_raise_clear_and_reemit_until_marked(state, view):
     test = DriftTest(alpha=0.01, min_images=50)
     state.apply_batch("g", "in", 0, _recs(range(100), ood=set(range(40))))
     alerts = state.evaluate_drift(["camA"], test, model_version="3")
     assert len(alerts) == 1
     a = alerts[0]
     assert (a.state, a.seq, a.alert_id, a.window.images, a.window.ood) == ("raised", 1, "drift:camA:1", 100, 40)
-    assert state.read_drift("camA")["state"] == "raised"
+    assert view.read_drift("camA")["state"] == "raised"
     # Not marked emitted: the next evaluation hands the same alert again (same id), no new transition.
     again = state.evaluate_drift(["camA"], test)
     assert [x.alert_id for x in again] == ["drift:camA:1"]
@@ -69,7 +75,7 @@ def test_drift_raise_clear_and_reemit_until_marked(state):
     state.apply_batch("g", "in", 0, _recs(range(100, 400), ts=T0 + 600))
     cleared = state.evaluate_drift(["camA"], test)
     assert [(x.state, x.seq) for x in cleared] == [("cleared", 2)]
-    kinds = [x["state"] for x in state.read_recent_alerts() if x.get("kind") == "drift"]
+    kinds = [x["state"] for x in view.read_recent_alerts() if x.get("kind") == "drift"]
     assert kinds == ["cleared", "raised"]
 
 
@@ -86,31 +92,10 @@ def test_drift_cas_refuses_a_stale_snapshot(state, redis_client, keys):
     assert [a.seq for a in state.evaluate_drift(["camA"], test)] == [1]
 
 
-def test_baseline_threshold_moves_only_with_vetted_scores(state, redis_client, keys):
-    redis_client.hset(keys.model_entry("1"), mapping={"threshold": "0.9", "alpha": "0.1"})
-    assert state.baseline_threshold("1", 0.1) == pytest.approx(0.9)  # reservoir too small: registry's
-    assert state.add_baseline_scores("1", np.linspace(0, 1, 20)) is None
-    t = state.add_baseline_scores("1", np.linspace(0, 1, 80))  # 100 scores, alpha from the registry entry
-    from dlsr.calibration import conformal_threshold
-
-    expected = conformal_threshold(np.concatenate([np.linspace(0, 1, 20), np.linspace(0, 1, 80)]), 0.1)
-    assert t == pytest.approx(expected)
-    assert state.baseline_threshold("1", 0.1) == pytest.approx(expected)
-    assert state.read_baseline("1")["size"] == 100
-    assert state.read_model()["version"] is None
-
-
-def test_baseline_reservoir_is_capped(redis_client, keys):
-    st = MonitorState(redis_client, keys, baseline_max=30, baseline_min=10)
-    st.add_baseline_scores("2", range(100), alpha=0.1)
-    assert st.read_baseline("2")["size"] == 30
-    assert sorted(st.baseline_scores("2")) == list(range(70, 100))  # the most recent are kept
-
-
-def test_heartbeats_expire_and_are_listed(state):
+def test_heartbeats_expire_and_are_listed(state, view):
     state.heartbeat("m1", model_version="4", rate=12.5, lag=7, extra={"scored": 3})
-    beats = state.read_heartbeats()
+    beats = view.read_heartbeats()
     assert beats[0]["instance"] == "m1" and beats[0]["lag"] == 7 and beats[0]["model_version"] == "4"
     assert beats[0]["rate"] == pytest.approx(12.5)
     state.remove_heartbeat("m1")
-    assert state.read_heartbeats() == []
+    assert view.read_heartbeats() == []

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis as redis_lib
 
-from monitor.keys import Keys
-from monitor.registry import Registry
-from trainer.intake import VettedStore
-from trainer.job import JobConfig, JobContext
+from dlsr_monitor.common.registry import Registry
+from dlsr_monitor.trainer.intake import VettedStore
+from dlsr_monitor.trainer.job import JobConfig, JobContext
 
 DIM = 8
 
@@ -103,18 +100,6 @@ def vectors(n: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> list[t
         v = (rng.standard_normal(DIM) * scale + shift).astype(np.float32)
         out.append((v.tobytes() + f"|{seed}:{i}".encode(), "test"))
     return out
-
-
-@pytest.fixture
-def rkeys():
-    """Real Redis (fails when missing) and a per-test prefix, cleaned up."""
-    client = redis_lib.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
-    client.ping()
-    keys = Keys(f"test-tr-{uuid.uuid4().hex[:8]}")
-    yield client, keys
-    for k in client.scan_iter(keys.all_pattern()):
-        client.delete(k)
-    client.close()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.history import PROMOTED, REJECTED, JobHistory, JobRecord
+from dlsr_monitor.trainer.history import PROMOTED, REJECTED, JobHistory, JobRecord
 
 
 def test_round_trip_and_order(rkeys):

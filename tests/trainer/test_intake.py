@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from trainer.intake import VettedStore, ingest_path, split_entries
+from dlsr_monitor.trainer.intake import VettedStore, ingest_path, split_entries
 
 from .conftest import vectors
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.history import FAILED, PROMOTED, REJECTED
-from trainer.job import min_calibration, run_job
+from dlsr_monitor.trainer.history import FAILED, PROMOTED, REJECTED
+from dlsr_monitor.trainer.job import min_calibration, run_job
 
 from .conftest import vectors
 

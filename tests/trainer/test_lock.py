@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from trainer.lock import JobLock, LockLostError
+from dlsr_monitor.trainer.lock import JobLock, LockLostError
 
 
 def test_only_one_holder_and_release_frees_it(rkeys):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from config.settings import ModelSettings
-from trainer.ops import DlsrOps
+from dlsr_monitor.config.settings import ModelSettings
+from dlsr_monitor.trainer.ops import DlsrOps
 
 
 def _model(tmp_path, detector: str) -> ModelSettings:

@@ -13,11 +13,11 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from monitor.batching import Message
-from monitor.hotswap import ModelWatcher
-from trainer.history import ABANDONED, PROMOTED, JobRecord
-from trainer.intake import VettedIntake
-from trainer.schedule import MANUAL, NEW_VETTED, SCHEDULE, TrainerService, request_run
+from dlsr_monitor.common.hotswap import ModelWatcher
+from dlsr_monitor.common.streams import Message
+from dlsr_monitor.trainer.history import ABANDONED, PROMOTED, JobRecord
+from dlsr_monitor.trainer.intake import VettedIntake
+from dlsr_monitor.trainer.schedule import MANUAL, NEW_VETTED, SCHEDULE, TrainerService, request_run
 
 from .conftest import FakeOps, vectors
 

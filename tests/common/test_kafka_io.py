@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from config.errors import StartupError
-from monitor.kafka_io import KafkaSink, KafkaSource, ensure_topics, with_retries
+from dlsr_monitor.common.connections import with_retries
+from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
+from dlsr_monitor.config.errors import StartupError
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from config.errors import StartupError
+from dlsr_monitor.config.errors import StartupError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

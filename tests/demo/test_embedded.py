@@ -1,6 +1,6 @@
 import pytest
 
-from monitor.embedded import (
+from dlsr_monitor.demo.embedded import (
     EmbeddedRedis,
     TansuBroker,
     broker_ready,

@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from config.errors import StartupError
+from dlsr_monitor.config.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: 
 
 
 @dataclass
-class SourceSummary:
+class SourceResult:
     """One line of the summary."""
 
     source: str
@@ -420,7 +420,7 @@ class DemoSummary:
 
     images_sent: int
     images_scored: int
-    sources: list[SourceSummary]
+    sources: list[SourceResult]
     drift_alerts: int
     ood_alerts: int
     throughput_img_s: float
@@ -484,7 +484,7 @@ def _demo_settings(
 
 
 def _start_servers(settings: Any, stack: contextlib.ExitStack, console: Console) -> tuple[str, str, dict[str, str]]:
-    from monitor.embedded import TansuBroker, broker_ready, ensure_redis
+    from dlsr_monitor.demo.embedded import TansuBroker, broker_ready, ensure_redis
 
     started: dict[str, str] = {}
     bootstrap = settings.kafka.bootstrap_servers
@@ -526,7 +526,7 @@ def summarise(
         rows = []
         for src in SOURCES:
             n, o, d = tally.scored[src], tally.ood[src], tally.drift_raised[src]
-            rows.append(SourceSummary(src, n, o, (o / n) if n else 0.0, d, _flagged(n, o, d, alpha)))
+            rows.append(SourceResult(src, n, o, (o / n) if n else 0.0, d, _flagged(n, o, d, alpha)))
         span = (tally.last_score or 0) - times["stream_start"]
         scored = sum(tally.scored.values())
         return DemoSummary(
@@ -617,12 +617,12 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
 def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
     import redis as redis_lib
 
-    from monitor.dashboard import live_loop, mask_url, read_snapshot, render
-    from monitor.kafka_io import ensure_topics
-    from monitor.keys import Keys
-    from monitor.registry import Registry
-    from monitor.service import run_monitor
-    from monitor.state import MonitorState
+    from dlsr_monitor.common.kafka_io import ensure_topics
+    from dlsr_monitor.common.keys import Keys
+    from dlsr_monitor.common.registry import Registry
+    from dlsr_monitor.console.dashboard import live_loop, mask_url, read_snapshot, render
+    from dlsr_monitor.console.views import StateView
+    from dlsr_monitor.monitor.service import run_monitor
 
     run_id = uuid.uuid4().hex[:8]
     opts.workdir.mkdir(parents=True, exist_ok=True)
@@ -671,7 +671,7 @@ def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_s
         stack.callback(monitor_stop.set)
         if not _wait(ready.is_set, 30):
             raise StartupError(f"could not read the demo's output topics from {bootstrap}")
-        state = MonitorState.from_settings(client, keys, cfg.monitor)
+        state = StateView.from_settings(client, keys, cfg.monitor)
         log_path = opts.workdir / f"monitor-{run_id}.log"
         if not _wait(lambda: bool(monitor_error or state.read_heartbeats()), 120):
             raise StartupError(f"the demo's monitor did not start serving in 120 s: {_last_warning(log_path)}")
@@ -762,7 +762,8 @@ def _delete_keys(client: Any, keys: Any) -> None:
 
 def _stream_only(settings: Any, opts: DemoOptions, data: DemoData, console: Console) -> int:
     """`dlsr demo --stream-only`: the compose demo producer; sends the three sources to the configured topic."""
-    from monitor.kafka_io import ensure_topics, with_retries
+    from dlsr_monitor.common.connections import with_retries
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     k = settings.kafka
     with_retries(

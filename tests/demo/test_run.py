@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from config.errors import StartupError
-from monitor.demo import (
+from dlsr_monitor.config.errors import StartupError
+from dlsr_monitor.demo.run import (
     CORRUPT_SOURCE,
     ID_SOURCE,
     OOD_SOURCE,
@@ -23,7 +23,7 @@ from monitor.demo import (
 
 
 def test_missing_data_says_exactly_what_to_pass(tmp_path, monkeypatch):
-    monkeypatch.setattr("monitor.demo._shared_data_candidates", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setattr("dlsr_monitor.demo.run._shared_data_candidates", lambda: [tmp_path / "nowhere"])
     with pytest.raises(StartupError) as info:
         resolve_data(None, None)
     msg = str(info.value)
@@ -62,7 +62,7 @@ def test_stream_switches_two_sources_after_a_clean_start(data_dir):
 def test_quick_demo_end_to_end(data_dir, test_settings, redis_client, tmp_path):
     """Reduced demo on real servers: the demo starts its own Tansu (nothing answers at the configured address),
     uses the test Redis, fits, runs the monitor, draws a dashboard frame and summarises."""
-    from monitor.embedded import broker_ready, free_port
+    from dlsr_monitor.demo.embedded import broker_ready, free_port
 
     dead = f"127.0.0.1:{free_port()}"
     settings = test_settings.model_copy(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from monitor.dashboard import alert_line, severity_of
+from dlsr_monitor.console.dashboard import alert_line, severity_of
 
 SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 
@@ -54,7 +54,7 @@ def decode_alert(value: bytes) -> dict | None:
     if not isinstance(data, dict):
         return None
     try:
-        from monitor.contract import parse_alert
+        from dlsr_monitor.common.contract import parse_alert
 
         return parse_alert(value).model_dump(mode="json")
     except Exception:  # an alert from a newer schema: still show what it says
@@ -81,7 +81,7 @@ def make_consumer(kafka_settings, *, group_id: str | None, from_beginning: bool)
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
-    from config.errors import StartupError
+    from dlsr_monitor.config.errors import StartupError
 
     group = group_id or f"dlsr-alerts-{uuid.uuid4().hex[:12]}"
     last: Exception | None = None

@@ -1,51 +1,18 @@
-"""Kafka adapters (kafka-python) for the monitor loop: a consumer-group source, an acknowledged sink, topic
-creation, and bounded start-up retries that end in one `StartupError` line.
+"""Kafka adapters (kafka-python): a consumer-group source, an acknowledged sink, topic creation.
+
+Connections retry through `common.connections` (one policy for Kafka and Redis).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-from config.errors import StartupError
-from monitor.batching import Headers, Message, SinkError
+from dlsr_monitor.common.streams import Headers, Message, SinkError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def with_retries(
-    connect: Callable[[], T], *, what: str, where: str, retries: int, backoff_s: float, fix: str = ""
-) -> T:
-    """Call `connect` up to `retries` times (backoff doubling, capped at 10 s), else raise StartupError."""
-    delay = backoff_s
-    last: Exception | None = None
-    for attempt in range(1, retries + 1):
-        try:
-            return connect()
-        except Exception as exc:  # any connection failure; the last one is reported
-            last = exc
-            if attempt < retries:
-                log.warning("%s at %s not ready (try %d/%d): %s", what, where, attempt, retries, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-    detail = f"{type(last).__name__}: {last}" if last else "unknown error"
-    raise StartupError(f"{what} at {where} unreachable after {retries} tries: {detail}{'; ' + fix if fix else ''}")
-
-
-def kafka_retry(kafka: Any, connect: Callable[[], T]) -> T:
-    """`with_retries` with the start-up retry policy of `KafkaSettings` (used by the monitor and the trainer)."""
-    return with_retries(
-        connect,
-        what="Kafka",
-        where=kafka.bootstrap_servers,
-        retries=kafka.connect_retries,
-        backoff_s=kafka.retry_backoff_s,
-        fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
-    )
 
 
 def _kwargs(kafka: Any) -> dict:

@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from monitor.contract import (
+from dlsr_monitor.common.contract import (
     DLQ_ERROR,
     DLQ_ERROR_DETAIL,
     SCHEMA_VERSION,

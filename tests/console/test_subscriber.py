@@ -9,8 +9,14 @@ import time
 
 import pytest
 
-from monitor.contract import DriftAlert, ModelAlert, OodAlert, WindowStats
-from monitor.subscriber import AlertFilter, decode_alert, filter_alerts, follow_alerts, format_alert
+from dlsr_monitor.common.contract import DriftAlert, ModelAlert, OodAlert, WindowStats
+from dlsr_monitor.console.subscriber import (
+    AlertFilter,
+    decode_alert,
+    filter_alerts,
+    follow_alerts,
+    format_alert,
+)
 
 
 def _ood(source: str, n: int) -> OodAlert:
@@ -73,7 +79,7 @@ def test_records_that_are_not_alerts_are_skipped():
 def test_two_subscribers_each_see_every_alert(tansu, test_settings):
     from kafka import KafkaProducer
 
-    from monitor.kafka_io import ensure_topics
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     kafka = test_settings.kafka
     ensure_topics(kafka, [kafka.alerts_topic], partitions=3)
@@ -110,8 +116,8 @@ def test_two_subscribers_each_see_every_alert(tansu, test_settings):
 def test_cli_follows_with_filters(tansu, test_settings, monkeypatch, capsys):
     from kafka import KafkaProducer
 
-    from cli.main import main
-    from monitor.kafka_io import ensure_topics
+    from dlsr_monitor.cli.main import main
+    from dlsr_monitor.common.kafka_io import ensure_topics
 
     kafka = test_settings.kafka
     ensure_topics(kafka, [kafka.alerts_topic], partitions=1)

@@ -5,32 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 
-from monitor.keys import Keys
-from monitor.registry import (
+from dlsr_monitor.common.registry import (
     PointerConflictError,
     Registry,
     RegistryError,
     VersionNotFoundError,
     artifact_digest,
 )
-
-
-@pytest.fixture
-def rkeys():
-    """A real Redis client and a per-test key prefix, cleaned up afterwards (fails if Redis is missing)."""
-    client = redis_lib.Redis.from_url("redis://127.0.0.1:6379/0")
-    client.ping()
-    keys = Keys(f"test-reg-{uuid.uuid4().hex[:8]}")
-    yield client, keys
-    for k in client.scan_iter(keys.all_pattern()):
-        client.delete(k)
-    client.close()
 
 
 def make_artifact(root: Path, name: str, payload: bytes) -> Path:

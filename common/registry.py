@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monitor.keys import Keys
+from dlsr_monitor.common.keys import Keys
 
 ANY = object()
 """Sentinel for `expected=`: move the pointer whatever it currently is (still atomic, no check)."""

@@ -6,27 +6,12 @@ import hashlib
 import json
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 
-from monitor.hotswap import LOAD_FAILED, LOADED, ModelEvent, ModelWatcher
-from monitor.keys import Keys
-from monitor.registry import Registry
-
-
-@pytest.fixture
-def rkeys():
-    """A real Redis client and a per-test key prefix, cleaned up afterwards (fails if Redis is missing)."""
-    client = redis_lib.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
-    client.ping()
-    keys = Keys(f"test-hs-{uuid.uuid4().hex[:8]}")
-    yield client, keys
-    for k in client.scan_iter(keys.all_pattern()):
-        client.delete(k)
-    client.close()
+from dlsr_monitor.common.hotswap import LOAD_FAILED, LOADED, ModelEvent, ModelWatcher
+from dlsr_monitor.common.registry import Registry
 
 
 def make_artifact(root: Path, name: str, payload: bytes) -> Path:
@@ -120,7 +105,7 @@ def test_flipped_byte_keeps_old_model_and_reports_once(setup, caplog):
     wfile = reg.artifact_path(e2) / "weights.safetensors"
     wfile.write_bytes(b"twX")  # flip: same length, different byte
     reg.promote(e2.version)
-    with caplog.at_level("ERROR", logger="monitor.hotswap"):
+    with caplog.at_level("ERROR", logger="dlsr_monitor.common.hotswap"):
         w.start()
         assert wait_for(lambda: any(k == LOAD_FAILED for k, _ in events.kinds()))
         time.sleep(0.3)  # several retries happen; still one event and one log line

@@ -28,8 +28,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from monitor.keys import Keys
-from monitor.state import MonitorState, WindowBucket
+from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.console.views import StateView, WindowBucket
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 #: Window over which the "now" rates are computed (seconds).
@@ -143,14 +143,14 @@ def summarise_source(
 
 
 def read_snapshot(
-    state: MonitorState,
+    state: StateView,
     *,
     now: float | None = None,
     history_s: float = 3600.0,
     alerts_shown: int = 8,
     redis_url: str = "",
 ) -> Snapshot:
-    """Read one frame's worth of state from Redis through `MonitorState`'s read functions."""
+    """Read one frame's worth of state from Redis through `StateView`."""
     now = time.time() if now is None else now
     model = state.read_model()
     version = model.get("version")
@@ -445,7 +445,7 @@ def live_loop(
 def _connect(redis_settings):
     import redis as redis_lib
 
-    from config.errors import StartupError
+    from dlsr_monitor.config.errors import StartupError
 
     client = redis_lib.Redis.from_url(redis_settings.url, **redis_settings.client_kwargs())
     try:
@@ -470,7 +470,7 @@ def run_dashboard(
     import redis as redis_lib
 
     client = redis_client or _connect(settings.redis)
-    state = MonitorState.from_settings(client, Keys(settings.redis.prefix), settings.monitor)
+    state = StateView.from_settings(client, Keys(settings.redis.prefix), settings.monitor)
     dash = settings.dashboard
     url = mask_url(settings.redis.url)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monitor.keys import Keys
-from monitor.registry import ModelEntry, Registry, RegistryError, VersionNotFoundError
+from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.registry import ModelEntry, Registry, RegistryError, VersionNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from monitor.contract import ModelAlert, OodAlert
-from monitor.dashboard import (
+from dlsr_monitor.common.contract import ModelAlert, OodAlert
+from dlsr_monitor.console.dashboard import (
     Snapshot,
     alert_line,
     bin_buckets,
@@ -26,8 +26,9 @@ from monitor.dashboard import (
     severity_of,
     sparkline,
 )
-from monitor.drift import DriftTest
-from monitor.state import MonitorState, WindowBucket, WindowRecord
+from dlsr_monitor.console.views import StateView, WindowBucket
+from dlsr_monitor.monitor.drift import DriftTest
+from dlsr_monitor.monitor.state import MonitorState, WindowRecord
 
 DLSR = Path(sys.executable).with_name("dlsr")
 
@@ -40,7 +41,7 @@ def test_sparkline_scales_and_leaves_gaps():
 
 
 def test_downsample_keeps_the_newest_bin_last():
-    from monitor.dashboard import downsample
+    from dlsr_monitor.console.dashboard import downsample
 
     assert downsample((0.0, 0.2, None, None, 0.4, 0.6), 3) == (0.1, None, 0.5)
     assert downsample((0.1, 0.2), 5) == (0.1, 0.2)
@@ -68,7 +69,7 @@ def test_severity_and_alert_lines():
     assert "sha256 mismatch" in alert_line(failed.model_dump())
 
 
-def seed(redis_client, keys, now: float | None = None) -> MonitorState:
+def seed(redis_client, keys, now: float | None = None) -> StateView:
     """A model, two sources (one drifting), a live monitor and some alerts, written the way the monitor does."""
     now = time.time() if now is None else now
     state = MonitorState(redis_client, keys, bucket_s=60, window_buckets=10)
@@ -93,7 +94,7 @@ def seed(redis_client, keys, now: float | None = None) -> MonitorState:
     state.apply_batch("g", "images", 0, records, alerts)
     state.evaluate_drift(["cam-ok", "cam-bad"], DriftTest(alpha=0.01), model_version="v-demo-1")
     state.heartbeat("monitor-a", model_version="v-demo-1", rate=12.5, lag=3)
-    return state
+    return StateView(redis_client, keys, bucket_s=state.bucket_s)
 
 
 def test_snapshot_reads_what_the_monitor_wrote(redis_client, keys):

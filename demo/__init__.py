@@ -1,0 +1,1 @@
+"""The self-contained demo and the embedded development servers (Tansu broker, private Redis)."""
