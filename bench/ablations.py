@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlsr_monitor.bench import common
 from dlsr_monitor.bench.ood import DEFAULT_BLOCKS, DEFAULT_EPOCHS, DEFAULT_T
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 
 def _ints(text: str) -> list[int]:
@@ -53,7 +56,7 @@ def _layer_cos_scores(det, x: np.ndarray, boundaries, t: int, batch: int = 2048)
     return np.concatenate(out)
 
 
-def run(args: argparse.Namespace, settings: Any = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     from dlsr.cache import FeatureCache
     from dlsr.metrics import auroc
 

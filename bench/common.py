@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 import numpy as np
 
@@ -31,7 +34,7 @@ def default_data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
-def add_data_arguments(p: argparse.ArgumentParser, settings: Any = None) -> None:
+def add_data_arguments(p: argparse.ArgumentParser, settings: Settings | None = None) -> None:
     """--data-dir, --cache-dir, encoder options, --device, --batch-size, --json."""
     p.add_argument(
         "--data-dir",
@@ -75,7 +78,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def make_encoder(args: argparse.Namespace, settings: Any = None):
+def make_encoder(args: argparse.Namespace, settings: Settings | None = None):
     """The encoder named by the arguments, falling back to the model settings."""
     from dlsr.encoder import Encoder
 
@@ -101,7 +104,7 @@ def data_dir(args: argparse.Namespace) -> Path:
     return d
 
 
-def cache_dir(args: argparse.Namespace, settings: Any = None) -> Path:
+def cache_dir(args: argparse.Namespace, settings: Settings | None = None) -> Path:
     if args.cache_dir:
         return args.cache_dir
     model = getattr(settings, "model", None)

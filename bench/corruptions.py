@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlsr_monitor.bench import common
 from dlsr_monitor.bench.ood import DEFAULT_BLOCKS, DEFAULT_EPOCHS, DEFAULT_T
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 
 def _names() -> list[str]:
@@ -38,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_dlsr_arguments(p, epochs=DEFAULT_EPOCHS, n_blocks=DEFAULT_BLOCKS, t=DEFAULT_T)
 
 
-def run(args: argparse.Namespace, settings: Any = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     from dlsr.cache import FeatureCache
     from dlsr.corruptions import CORRUPTIONS, corrupt_batch
     from dlsr.metrics import auroc

@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dlsr_monitor.bench import common
 from dlsr_monitor.bench.ood import DEFAULT_BLOCKS, DEFAULT_T
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 SCORES = ("mse", "mfsim5", "mfsim4")
 
@@ -32,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_dlsr_arguments(p, epochs=None, n_blocks=DEFAULT_BLOCKS, t=DEFAULT_T)
 
 
-def run(args: argparse.Namespace, settings: Any = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     from dlsr.cache import FeatureCache
     from dlsr.metrics import auroc
 

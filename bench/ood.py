@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlsr_monitor.bench import common
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 # The full run. t = 2 was chosen on the validation split (bench/validate.py: held-out CIFAR-10 classes and
 # code-made corruptions of held-out train images as OOD), never on the test OOD sets; see
@@ -93,7 +96,7 @@ def measure_head(det, x: np.ndarray, batch_size: int, **options: Any) -> float:
     return len(x) / (time.perf_counter() - t0)
 
 
-def run(args: argparse.Namespace, settings: Any = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     from dlsr.cache import FeatureCache
     from dlsr.calibration import conformal_threshold
     from dlsr.metrics import ood_metrics

@@ -12,11 +12,14 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dlsr_monitor.bench import common
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 
 def _ints(text: str) -> list[int]:
@@ -99,7 +102,7 @@ def measure(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run(args: argparse.Namespace, settings: Any = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     device = common.resolve_device(args.device)
     encoder = common.make_encoder(args, settings)
     name = encoder.name

@@ -32,7 +32,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -177,7 +180,7 @@ def _bare_scorer(det: Any, images: list, batch_size: int, repeats: int = 3, min_
     return statistics.median(rates)
 
 
-def _build_model(args: argparse.Namespace, settings: Any, input_size: int, device: str, out: Path) -> Path:
+def _build_model(args: argparse.Namespace, settings: Settings, input_size: int, device: str, out: Path) -> Path:
     """A detector of the configured shape, fitted briefly on real CIFAR-10 features (speed does not depend on
     the trained values) and calibrated, saved to `out`."""
     from dlsr.cache import FeatureCache
@@ -203,7 +206,7 @@ def _data(args: argparse.Namespace) -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def run(args: argparse.Namespace, settings: Any) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.monitor.service import limit_heap_growth
 
     # The same allocator setting as the monitor process, so the bare scorer is timed under equal conditions

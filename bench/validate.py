@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dlsr_monitor.bench import common
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 
 def _ints(text: str) -> list[int]:
@@ -67,7 +70,7 @@ def corrupted_features(
     return out
 
 
-def run(args: argparse.Namespace, settings: Any = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     from dlsr.cache import FeatureCache
     from dlsr.metrics import auroc
 

@@ -7,7 +7,10 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,7 +87,7 @@ def _logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
-def _registry(settings: Any) -> Any:
+def _registry(settings: Settings) -> Any:
     from dlsr_monitor.common.connections import connect_redis
     from dlsr_monitor.common.keys import Keys
     from dlsr_monitor.common.registry import Registry
@@ -94,7 +97,7 @@ def _registry(settings: Any) -> Any:
 
 
 # ---- trainer ----------------------------------------------------------------------------------------
-def _run(args: argparse.Namespace, settings: Any) -> int:
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     _logging(args.log_level)
     import threading
 
@@ -112,7 +115,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _fit(args: argparse.Namespace, settings: Any) -> int:
+def _fit(args: argparse.Namespace, settings: Settings) -> int:
     _logging(args.log_level)
     from pathlib import Path
 
@@ -160,7 +163,7 @@ def _fit(args: argparse.Namespace, settings: Any) -> int:
     return _err(rec.message) if rec.outcome == "failed" else 3
 
 
-def _trigger(args: argparse.Namespace, settings: Any) -> int:
+def _trigger(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.common.connections import connect_redis
     from dlsr_monitor.common.keys import Keys
     from dlsr_monitor.trainer.schedule import request_run
@@ -176,7 +179,7 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def _model_list(args: argparse.Namespace, settings: Any) -> int:
+def _model_list(args: argparse.Namespace, settings: Settings) -> int:
     reg = _registry(settings)
     current = reg.current_version()
     entries = reg.list_versions()
@@ -223,7 +226,7 @@ def _model_list(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _model_promote(args: argparse.Namespace, settings: Any) -> int:
+def _model_promote(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.common.registry import ANY, RegistryError
 
     reg = _registry(settings)
@@ -236,7 +239,7 @@ def _model_promote(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _model_rollback(args: argparse.Namespace, settings: Any) -> int:
+def _model_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.common.registry import ANY, RegistryError
 
     reg = _registry(settings)
@@ -260,7 +263,7 @@ def _job_line(rec: Any) -> str:
     return f"job {rec.job_id} [{rec.trigger}] {rec.outcome}{ver} in {dur}; {data}; gates {gates}"
 
 
-def _jobs(args: argparse.Namespace, settings: Any) -> int:
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.common.connections import connect_redis
     from dlsr_monitor.common.keys import Keys
     from dlsr_monitor.trainer.history import JobHistory

@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlsr_monitor.common.keys import Keys
 from dlsr_monitor.common.registry import ModelEntry, Registry, RegistryError, VersionNotFoundError
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class ModelWatcher:
 
     def __init__(
         self,
-        redis: Any,
+        redis: redis.Redis,
         keys: Keys,
         store_root: str | Path,
         load_fn: Callable[[Path], Any],

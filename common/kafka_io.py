@@ -8,20 +8,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlsr_monitor.common.streams import Headers, Message, SinkError
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 
-def _kwargs(kafka: Any) -> dict:
+def _kwargs(kafka: KafkaSettings | str) -> dict:
     if isinstance(kafka, str):
         return {"bootstrap_servers": [s.strip() for s in kafka.split(",") if s.strip()]}
     return kafka.client_kwargs()
 
 
-def ensure_topics(kafka: Any, names: list[str], *, partitions: int = 3) -> list[str]:
+def ensure_topics(kafka: KafkaSettings | str, names: list[str], *, partitions: int = 3) -> list[str]:
     """Create the topics that do not exist yet (`kafka`: KafkaSettings or a bootstrap string); returns those
     created. Existing topics are left as they are."""
     from kafka import KafkaAdminClient, KafkaConsumer
@@ -60,7 +63,7 @@ class KafkaSource:
         max_poll_records: most records one poll returns (bounds memory).
     """
 
-    def __init__(self, kafka: Any, topic: str, group_id: str, *, max_poll_records: int = 256) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str, group_id: str, *, max_poll_records: int = 256) -> None:
         from kafka import KafkaConsumer
 
         self.topic = topic
@@ -125,7 +128,7 @@ class KafkaSource:
 class KafkaSink:
     """Producer whose `flush` raises `SinkError` unless every record since the last flush was acknowledged."""
 
-    def __init__(self, kafka: Any) -> None:
+    def __init__(self, kafka: KafkaSettings) -> None:
         from kafka import KafkaProducer
 
         self._producer = KafkaProducer(

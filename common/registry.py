@@ -18,9 +18,12 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlsr_monitor.common.keys import Keys
+
+if TYPE_CHECKING:
+    import redis
 
 ANY = object()
 """Sentinel for `expected=`: move the pointer whatever it currently is (still atomic, no check)."""
@@ -246,7 +249,7 @@ class Registry:
         store_root: the content-addressed store directory (created if missing).
     """
 
-    def __init__(self, redis: Any, keys: Keys, store_root: str | Path) -> None:
+    def __init__(self, redis: redis.Redis, keys: Keys, store_root: str | Path) -> None:
         self.redis = redis
         self.keys = keys
         self.store_root = Path(store_root)

@@ -24,12 +24,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from dlsr_monitor.config.errors import StartupError
+
+if TYPE_CHECKING:
+    from dlsr_monitor.common.registry import Registry
+    from dlsr_monitor.config.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ class DemoOptions:
     @classmethod
     def from_settings(
         cls,
-        settings: Any,
+        settings: Settings,
         *,
         id_data: Path | None = None,
         ood_data: Path | None = None,
@@ -271,7 +275,7 @@ class Tally:
                 self.model_alerts += 1
 
 
-def _follow_outputs(kafka: Any, tally: Tally, stop: threading.Event, ready: threading.Event) -> None:
+def _follow_outputs(kafka: KafkaSettings, tally: Tally, stop: threading.Event, ready: threading.Event) -> None:
     """Read the scores and alerts topics from the beginning into `tally` until `stop`."""
     from kafka import KafkaConsumer
 
@@ -303,7 +307,7 @@ def _follow_outputs(kafka: Any, tally: Tally, stop: threading.Event, ready: thre
 
 
 def produce(
-    kafka: Any,
+    kafka: KafkaSettings,
     items: list[StreamItem],
     tally: Tally | None,
     stop: threading.Event,
@@ -351,7 +355,7 @@ def produce(
 # the model
 
 
-def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: Any, console: Console) -> dict:
+def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, registry: Registry, console: Console) -> dict:
     """Fit and calibrate a small DLSR model on a CIFAR-10 subset, publish it; returns what it did."""
     import numpy as np
 
@@ -439,7 +443,7 @@ class DemoSummary:
 
 
 def _demo_settings(
-    settings: Any, bootstrap: str, redis_url: str, run_id: str, workdir: Path, alpha: float
+    settings: Settings, bootstrap: str, redis_url: str, run_id: str, workdir: Path, alpha: float
 ) -> Any:
     """The settings the demo's monitor runs with: its own topics, key prefix and fast windows."""
     tag = f"demo-{run_id}"
@@ -483,7 +487,7 @@ def _demo_settings(
     return settings.model_copy(update={"kafka": kafka, "redis": redis, "monitor": monitor, "model": model})
 
 
-def _start_servers(settings: Any, stack: contextlib.ExitStack, console: Console) -> tuple[str, str, dict[str, str]]:
+def _start_servers(settings: Settings, stack: contextlib.ExitStack, console: Console) -> tuple[str, str, dict[str, str]]:
     from dlsr_monitor.demo.embedded import TansuBroker, broker_ready, ensure_redis
 
     started: dict[str, str] = {}
@@ -596,7 +600,7 @@ def _quiet_logs(path: Path) -> Iterator[None]:
         root.setLevel(saved[1])
 
 
-def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None) -> int:
+def run_demo(settings: Settings, opts: DemoOptions, *, console: Console | None = None) -> int:
     """`dlsr demo`: returns 0 when the summary shows what it should (ID ok, OOD and corrupted flagged)."""
     console = console or Console()
     t_start = time.perf_counter()
@@ -614,7 +618,7 @@ def run_demo(settings: Any, opts: DemoOptions, *, console: Console | None = None
             signal.signal(sig, handler)
 
 
-def _run(settings: Any, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
+def _run(settings: Settings, opts: DemoOptions, data: DemoData, console: Console, t_start: float) -> int:
     import redis as redis_lib
 
     from dlsr_monitor.common.kafka_io import ensure_topics
@@ -760,7 +764,7 @@ def _delete_keys(client: Any, keys: Any) -> None:
             client.delete(name)
 
 
-def _stream_only(settings: Any, opts: DemoOptions, data: DemoData, console: Console) -> int:
+def _stream_only(settings: Settings, opts: DemoOptions, data: DemoData, console: Console) -> int:
     """`dlsr demo --stream-only`: the compose demo producer; sends the three sources to the configured topic."""
     from dlsr_monitor.common.connections import with_retries
     from dlsr_monitor.common.kafka_io import ensure_topics

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlsr_monitor.common.keys import Keys
+
+if TYPE_CHECKING:
+    import redis
 
 RUNNING = "running"
 PROMOTED = "promoted"
@@ -81,7 +84,7 @@ class JobRecord:
 class JobHistory:
     """Reads and writes job records; keeps the newest `keep` jobs."""
 
-    def __init__(self, redis: Any, keys: Keys, keep: int = 500) -> None:
+    def __init__(self, redis: redis.Redis, keys: Keys, keep: int = 500) -> None:
         self.redis = redis
         self.keys = keys
         self.keep = keep

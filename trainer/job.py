@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from dlsr_monitor.trainer import gates as G
 from dlsr_monitor.trainer.history import CONFLICT, FAILED, PROMOTED, REJECTED, JobHistory, JobRecord
 from dlsr_monitor.trainer.intake import VettedStore, split_entries
 from dlsr_monitor.trainer.lock import JobLock
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class JobConfig:
 class JobContext:
     """Everything a job touches, passed in (no globals)."""
 
-    redis: Any
+    redis: redis.Redis
     keys: Keys
     registry: Registry
     store: VettedStore

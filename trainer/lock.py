@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class JobLock:
         owner: a readable label stored in the token (host, pid, job id), shown by `dlsr jobs`.
     """
 
-    def __init__(self, redis: Any, key: str, ttl_s: float = 60.0, owner: str = "trainer") -> None:
+    def __init__(self, redis: redis.Redis, key: str, ttl_s: float = 60.0, owner: str = "trainer") -> None:
         self.redis = redis
         self.key = key
         self.ttl_ms = max(1, int(ttl_s * 1000))

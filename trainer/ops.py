@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import ModelSettings
 
 import numpy as np
 
@@ -29,7 +32,7 @@ class DlsrOps:
     """
 
     def __init__(
-        self, model: Any, detector_kwargs: dict | None = None, refit_epochs: int | None = None
+        self, model: ModelSettings, detector_kwargs: dict | None = None, refit_epochs: int | None = None
     ) -> None:
         from dlsr.cache import FeatureCache
         from dlsr.detector import resolve_device

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,11 @@ from dlsr_monitor.trainer.intake import VettedIntake, VettedStore
 from dlsr_monitor.trainer.job import JobConfig, JobContext, run_job
 from dlsr_monitor.trainer.lock import JobLock
 
+if TYPE_CHECKING:
+    import redis
+
+    from dlsr_monitor.config.settings import Settings, TrainerSettings
+
 log = logging.getLogger(__name__)
 
 MANUAL = "manual"
@@ -37,12 +42,12 @@ NEW_VETTED = "new_vetted"
 SCHEDULE = "schedule"
 
 
-def request_run(redis: Any, keys: Keys, by: str = "cli") -> None:
+def request_run(redis: redis.Redis, keys: Keys, by: str = "cli") -> None:
     """Ask the trainer service for a job now (what `dlsr trainer trigger` does)."""
     redis.set(keys.trainer_trigger(), json.dumps({"by": by, "at": time.time()}))
 
 
-def job_config(trainer: Any, alpha: float) -> JobConfig:
+def job_config(trainer: TrainerSettings, alpha: float) -> JobConfig:
     """JobConfig from `config.TrainerSettings` and the model's alpha."""
     return JobConfig(
         alpha=alpha,
@@ -176,7 +181,7 @@ class TrainerService:
 
 
 def build_service(
-    settings: Any,
+    settings: Settings,
     *,
     intake: bool = True,
     alerts: bool | None = None,
