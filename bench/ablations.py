@@ -57,16 +57,13 @@ def _layer_cos_scores(det, x: np.ndarray, boundaries, t: int, batch: int = 2048)
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    from dlsr.cache import FeatureCache
     from dlsr.metrics import auroc
 
     t_start = time.perf_counter()
-    root = common.data_dir(args)
-    device = common.resolve_device(args.device)
-    encoder = common.make_encoder(args, settings)
-    cache = FeatureCache(common.cache_dir(args, settings))
+    bench = common.setup(args, settings)
+    root, device, encoder = bench.root, bench.device, bench.encoder
     ood_names = common.ood_set_names(root)
-    load = common.dataset_loader(args, cache, encoder, root)
+    load = bench.load
     train = load(common.ID_SET, "train", args.train_size).features
     id_x = load(common.ID_SET, "test", args.id_size).features
     ood = {n: load(n, "test", args.ood_size).features for n in ood_names}

@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,21 +124,37 @@ class Split:
     names: list[str]
 
 
-def dataset_loader(args: Any, cache: Any, encoder: Any, root: Path) -> Callable[[str, str, int | None], Split]:
-    """`load(dataset, split, limit)`: features of `root/dataset/split.zip` (seed-0 subset, `args.batch_size`)."""
+@dataclass
+class Setup:
+    """What every benchmark starts from: the data folder, the device, the encoder and its feature cache."""
 
-    def load(dataset: str, split: str, limit: int | None) -> Split:
+    root: Path
+    device: str
+    encoder: Any  # dlsr.encoder.Encoder (imported lazily: `--help` must not load torch)
+    cache: Any  # dlsr.cache.FeatureCache
+    batch_size: int
+
+    def load(self, dataset: str, split: str, limit: int | None) -> Split:
+        """Features of `root/dataset/split.zip` (seed-0 subset) through the cache."""
         return load_split(
-            cache,
-            encoder,
-            root / dataset / f"{split}.zip",
+            self.cache,
+            self.encoder,
+            self.root / dataset / f"{split}.zip",
             limit=limit,
             seed=0,
-            batch_size=args.batch_size,
+            batch_size=self.batch_size,
             label=f"{dataset}/{split}",
         )
 
-    return load
+
+def setup(args: argparse.Namespace, settings: Settings | None = None) -> Setup:
+    """The benchmark preamble: data folder, device, encoder (from the arguments, else the settings), cache."""
+    from dlsr.cache import FeatureCache
+
+    encoder = make_encoder(args, settings)
+    return Setup(
+        data_dir(args), resolve_device(args.device), encoder, FeatureCache(cache_dir(args, settings)), args.batch_size
+    )
 
 
 def load_split(

@@ -42,7 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    from dlsr.cache import FeatureCache
     from dlsr.corruptions import CORRUPTIONS, corrupt_batch
     from dlsr.metrics import auroc
     from dlsr.readers import array_images, decode_items, open_images
@@ -58,19 +57,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         return 2
     severities = [int(s) for s in args.severities.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    root = common.data_dir(args)
-    device = common.resolve_device(args.device)
-    encoder = common.make_encoder(args, settings)
-    cache = FeatureCache(common.cache_dir(args, settings))
-    train = common.load_split(
-        cache,
-        encoder,
-        root / common.ID_SET / "train.zip",
-        limit=args.train_size,
-        seed=0,
-        batch_size=args.batch_size,
-        label="cifar10/train",
-    ).features
+    bench = common.setup(args, settings)
+    root, device, encoder, cache = bench.root, bench.device, bench.encoder, bench.cache
+    train = bench.load(common.ID_SET, "train", args.train_size).features
     clean_set = open_images(root / common.ID_SET / "test.zip", limit=args.id_size, seed=0)
     clean = cache.extract(encoder, clean_set, batch_size=args.batch_size, progress=True)
     pixels, names, _ = decode_items(it for it in clean_set if it.name in set(clean.names))

@@ -36,18 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    from dlsr.cache import FeatureCache
     from dlsr.metrics import auroc
 
     t_start = time.perf_counter()
     epochs_list = [int(v) for v in args.epochs_list.split(",") if v.strip()]
-    root = common.data_dir(args)
-    device = common.resolve_device(args.device)
-    encoder = common.make_encoder(args, settings)
+    bench = common.setup(args, settings)
+    root, device, encoder = bench.root, bench.device, bench.encoder
     if args.width is None:
         args.width = encoder.dim
-    cache = FeatureCache(common.cache_dir(args, settings))
-    load = common.dataset_loader(args, cache, encoder, root)
+    load = bench.load
     ood_names = common.ood_set_names(root)
     pool = load(common.ID_SET, "train", args.pool_size)
     id_test = load(common.ID_SET, "test", args.id_size)

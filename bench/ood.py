@@ -1,6 +1,6 @@
 """`dlsr bench ood`: CIFAR-10 (ID) against every other set in the data folder, DLSR vs kNN vs Mahalanobis.
 
-Protocol (METHOD.md section 6): fit on CIFAR-10 train, calibrate on a held-out part of train (conformal
+Protocol (docs/METHOD.md section 7): fit on CIFAR-10 train, calibrate on a held-out part of train (conformal
 threshold at --alpha), evaluate CIFAR-10 test as ID against each OOD set's test.zip. Every method sees the same
 cached encoder features. Each seed re-draws the fit/calibration split, the LFDN initialisation, the training
 order and the scoring noise. Prints a markdown table (percentages, mean ± std over seeds) and images/s.
@@ -97,7 +97,6 @@ def measure_head(det, x: np.ndarray, batch_size: int, **options: Any) -> float:
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    from dlsr.cache import FeatureCache
     from dlsr.calibration import conformal_threshold
     from dlsr.metrics import ood_metrics
 
@@ -111,12 +110,10 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    root = common.data_dir(args)
-    device = common.resolve_device(args.device)
-    encoder = common.make_encoder(args, settings)
+    bench = common.setup(args, settings)
+    root, device, encoder = bench.root, bench.device, bench.encoder
     if args.width is None:
         args.width = encoder.dim  # width D: the paper's 2D costs 4x the compute for no gain at this scale
-    cache = FeatureCache(common.cache_dir(args, settings))
     ood_names = common.ood_set_names(root)
     print(
         f"dlsr bench ood: encoder {encoder.name} @{encoder.input_size} ({encoder.identity()['weights']['source']} "
@@ -125,7 +122,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     )
 
     n_pool = None if args.train_size is None else args.train_size + args.cal_size
-    load = common.dataset_loader(args, cache, encoder, root)
+    load = bench.load
     pool = load(common.ID_SET, "train", n_pool)
     id_test = load(common.ID_SET, "test", args.id_size)
     ood = {name: load(name, "test", args.ood_size) for name in ood_names}

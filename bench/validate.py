@@ -71,23 +71,12 @@ def corrupted_features(
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    from dlsr.cache import FeatureCache
     from dlsr.metrics import auroc
 
     t_start = time.perf_counter()
-    root = common.data_dir(args)
-    device = common.resolve_device(args.device)
-    encoder = common.make_encoder(args, settings)
-    cache = FeatureCache(common.cache_dir(args, settings))
-    pool = common.load_split(
-        cache,
-        encoder,
-        root / common.ID_SET / "train.zip",
-        limit=args.pool_size,
-        seed=0,
-        batch_size=args.batch_size,
-        label="cifar10/train",
-    )
+    bench = common.setup(args, settings)
+    root, device, encoder, cache = bench.root, bench.device, bench.encoder, bench.cache
+    pool = bench.load(common.ID_SET, "train", args.pool_size)
     fit_idx, val_idx, is_held, held = common.holdout_split(pool.names, args.holdout, args.val_size, args.seed)
     x_fit, x_val = pool.features[fit_idx], pool.features[val_idx]
     ood = {"held-out classes": pool.features[is_held]}

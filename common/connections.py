@@ -41,16 +41,18 @@ def with_retries(
     raise StartupError(f"{what} at {where} unreachable after {retries} tries: {detail}{'; ' + fix if fix else ''}")
 
 
-def kafka_retry(kafka: KafkaSettings, connect: Callable[[], T]) -> T:
-    """`with_retries` with the start-up retry policy of `KafkaSettings` (used by the monitor and the trainer)."""
+def _with_policy(section: KafkaSettings | RedisSettings, connect: Callable[[], T], what: str, where: str) -> T:
+    """`with_retries` under a settings section's retry policy (`connect_retries`, `retry_backoff_s`)."""
+    fix = {"Kafka": "start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS", "Redis": "start Redis or set DLSR_REDIS__URL"}
     return with_retries(
-        connect,
-        what="Kafka",
-        where=kafka.bootstrap_servers,
-        retries=kafka.connect_retries,
-        backoff_s=kafka.retry_backoff_s,
-        fix="start the broker or set DLSR_KAFKA__BOOTSTRAP_SERVERS",
+        connect, what=what, where=where, retries=section.connect_retries, backoff_s=section.retry_backoff_s,
+        fix=fix[what],
     )
+
+
+def kafka_retry(kafka: KafkaSettings, connect: Callable[[], T]) -> T:
+    """Connect to Kafka under `KafkaSettings`' retry policy (used by the monitor and the trainer)."""
+    return _with_policy(kafka, connect, "Kafka", kafka.bootstrap_servers)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
@@ -73,11 +75,4 @@ def connect_redis(redis_settings: RedisSettings) -> redis.Redis:
         client.ping()
         return client
 
-    return with_retries(
-        connect,
-        what="Redis",
-        where=redis_settings.url,
-        retries=redis_settings.connect_retries,
-        backoff_s=redis_settings.retry_backoff_s,
-        fix="start Redis or set DLSR_REDIS__URL",
-    )
+    return _with_policy(redis_settings, connect, "Redis", redis_settings.url)

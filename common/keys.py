@@ -17,7 +17,7 @@ class Keys:
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *(str(p) for p in parts)])
 
-    # --- model registry (monitor/registry.py) ---------------------------------------------------
+    # --- model registry (common/registry.py) ----------------------------------------------------
     def model_current(self) -> str:
         """String: the live model version (moved by compare-and-set)."""
         return self._k("model", "current")
@@ -34,7 +34,7 @@ class Keys:
         """Hash: artifact URI, sha256, threshold, alpha, data sizes, gates, parent, created time."""
         return self._k("model", "v", version)
 
-    # --- baseline reservoir and thresholds (monitor/state.py) -----------------------------------
+    # --- baseline reservoir and thresholds (common/baseline.py) ----------------------------------
     def baseline(self, version: str) -> str:
         """Capped reservoir of vetted-ID scores for one model version."""
         return self._k("baseline", version)

@@ -1,14 +1,18 @@
-"""Public test doubles (bytewax's `testing.py` is the model): an in-memory source and sink for the loops.
+"""Public test doubles (bytewax's `testing.py` is the model): an in-memory source and sink for the loops, and a
+minimal artifact directory for registry and watcher tests.
 
-They implement `common.streams.Source` / `Sink`; unit tests and embedding use them instead of Kafka.
+The source and sink implement `common.streams.Source` / `Sink`; unit tests and embedding use them instead of Kafka.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from dlsr_monitor.common.streams import Headers, Message, SinkError
 
@@ -93,3 +97,17 @@ class MemorySink:
 
     def close(self) -> None:
         self.closed = True
+
+
+def make_artifact(root: Path, name: str, payload: bytes) -> Path:
+    """A minimal saved-detector directory: weights plus a manifest pinning their sha256 (dlsr's layout)."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "weights.safetensors").write_bytes(payload)
+    manifest = {
+        "format_version": 1,
+        "name": name,
+        "files": {"weights.safetensors": hashlib.sha256(payload).hexdigest()},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    return d

@@ -163,7 +163,7 @@ class ModelSettings(BaseModel):
     feature_cache: Path = Field(
         Path(".cache/dlsr/features"), description="Directory of cached encoder features"
     )
-    # --- DLSR detector (dlsr.DLSRDetector); defaults are the paper's (METHOD.md section 2) ---------------
+    # --- DLSR detector (dlsr.DLSRDetector); defaults are the paper's (docs/METHOD.md section 2) ----------
     t: int = Field(
         2, ge=1, le=100, description="Noise level t of the scorer (t = 1..2 best on our validation split; paper: 3..10)"
     )

@@ -82,7 +82,7 @@ class Snapshot:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading Redis (through monitor.state's read functions: the dashboard never spells a key itself)
+# reading Redis (through console.views.StateView: the dashboard never spells a key itself)
 
 
 def _finite(x: Any) -> float | None:

@@ -1,7 +1,7 @@
 """`dlsr alerts`: follow the alerts topic with filters, as human lines or JSON lines.
 
 Every run joins a consumer group of its own (a fresh id unless `--group` names one), so any number of subscribers
-each see every alert; `--from-beginning` replays the topic first. The alert contract (monitor/contract.py) has no
+each see every alert; `--from-beginning` replays the topic first. The alert contract (common/contract.py) has no
 severity field, so severity is derived here from kind and state: ood = warning, drift raised = critical, drift
 cleared = info, model live = info, model load_failed = critical.
 """

@@ -140,7 +140,7 @@ def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, n
         is_ood = bool(score > scored.threshold)
         pval = float(scored.p_values[j]) if math.isfinite(scored.p_values[j]) else 1.0
         latency = (now - m.timestamp_ms / 1000.0) * 1000.0 if m.timestamp_ms else 0.0
-        rec = ScoreRecord(
+        facts = dict(  # what the score record and the OOD alert both say about the image
             image_id=meta.image_id,
             source=meta.source,
             topic=m.topic,
@@ -150,30 +150,16 @@ def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, n
             score=score,
             threshold=scored.threshold,
             p_value=pval,
-            is_ood=is_ood,
             model_version=handle.version,
-            latency_ms=max(0.0, latency),
-            instance=instance,
         )
+        rec = ScoreRecord(**facts, is_ood=is_ood, latency_ms=max(0.0, latency), instance=instance)
         out.scores.append((meta.source.encode(), rec.to_bytes()))
         out.windows[tp].append(WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score))
         if not is_ood:
             continue
         out.ood += 1
         if ood_alerts:
-            alert = OodAlert(
-                alert_id=f"ood:{meta.image_id}",
-                source=meta.source,
-                image_id=meta.image_id,
-                topic=m.topic,
-                partition=m.partition,
-                offset=m.offset,
-                ts=meta.ts,
-                score=score,
-                threshold=scored.threshold,
-                p_value=pval,
-                model_version=handle.version,
-            )
+            alert = OodAlert(alert_id=f"ood:{meta.image_id}", **facts)
             out.alerts.append((meta.source.encode(), alert.to_bytes()))
             out.window_alerts[tp].append((m.offset, alert_to_json(alert)))
     return out

@@ -1,4 +1,4 @@
-"""Refit timing on this machine: `python -m trainer.bench_refit --n 5000 [--fit-only-n 50000]`.
+"""Refit timing on this machine: `python -m dlsr_monitor.trainer.bench_refit --n 5000 [--fit-only-n 50000]`.
 
 Measures the parts of a trainer job separately and prints JSON: cold feature extraction (empty cache), cached
 feature read, a cold fit, a warm-started refit, and scoring the calibration + held-out splits. With

@@ -224,7 +224,7 @@ def ingest_path(
 class VettedIntake:
     """Moves `dlsr.vetted` messages (image bytes + optional headers, the input topic's contract) into the store.
 
-    `source` is any monitor.batching Source (poll / commit / close): KafkaSource in production, a list in tests.
+    `source` is any common.streams Source (poll / commit / close): KafkaSource in production, a list in tests.
     Offsets are committed only after the images are stored, so a crash re-reads (and dedups), never loses.
     Undecodable messages are logged and skipped (counted in `rejected`).
     """

@@ -10,6 +10,7 @@ images are scored by the live model and fed to its baseline reservoir, so thresh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,18 +49,9 @@ def request_run(redis: redis.Redis, keys: Keys, by: str = "cli") -> None:
 
 
 def job_config(trainer: TrainerSettings, alpha: float) -> JobConfig:
-    """JobConfig from `config.TrainerSettings` and the model's alpha."""
-    return JobConfig(
-        alpha=alpha,
-        holdout_fraction=trainer.holdout_fraction,
-        calibration_fraction=trainer.calibration_fraction,
-        reference_size=trainer.reference_size,
-        fa_sigmas=trainer.fa_sigmas,
-        max_reference_shift=trainer.max_reference_shift,
-        min_auroc=trainer.min_auroc,
-        baseline_max=trainer.baseline_max,
-        reference_ood=trainer.reference_ood,
-    )
+    """JobConfig from `config.TrainerSettings` (every field the two share) and the model's alpha."""
+    shared = {f.name for f in dataclasses.fields(JobConfig)} & set(type(trainer).model_fields)
+    return JobConfig(alpha=alpha, **{name: getattr(trainer, name) for name in shared})
 
 
 @dataclass

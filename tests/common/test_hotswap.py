@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -12,20 +10,7 @@ import pytest
 
 from dlsr_monitor.common.hotswap import LOAD_FAILED, LOADED, ModelEvent, ModelWatcher
 from dlsr_monitor.common.registry import Registry
-
-
-def make_artifact(root: Path, name: str, payload: bytes) -> Path:
-    """A minimal saved-detector directory: weights plus a manifest pinning their sha256 (dlsr's layout)."""
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "weights.safetensors").write_bytes(payload)
-    manifest = {
-        "format_version": 1,
-        "name": name,
-        "files": {"weights.safetensors": hashlib.sha256(payload).hexdigest()},
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
-    return d
+from dlsr_monitor.common.testing import make_artifact
 
 
 def fake_load(path: Path) -> bytes:

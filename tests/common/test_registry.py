@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -16,20 +13,7 @@ from dlsr_monitor.common.registry import (
     VersionNotFoundError,
     artifact_digest,
 )
-
-
-def make_artifact(root: Path, name: str, payload: bytes) -> Path:
-    """A minimal saved-detector directory: weights plus a manifest pinning their sha256 (dlsr's layout)."""
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "weights.safetensors").write_bytes(payload)
-    manifest = {
-        "format_version": 1,
-        "name": name,
-        "files": {"weights.safetensors": hashlib.sha256(payload).hexdigest()},
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
-    return d
+from dlsr_monitor.common.testing import make_artifact
 
 
 @pytest.fixture
