@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text in _BENCHES.items():
         bp = bsub.add_parser(name, help=help_text, description=help_text)
         try:
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"dlsr_monitor.bench.{name}")
         except ImportError as exc:
             bp.set_defaults(handler=_unavailable(name, exc))
             continue
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _runner(name: str):
     def handler(args: argparse.Namespace, settings) -> int:
-        return int(importlib.import_module(f"bench.{name}").run(args, settings) or 0)
+        return int(importlib.import_module(f"dlsr_monitor.bench.{name}").run(args, settings) or 0)
 
     return handler
 

@@ -130,3 +130,13 @@ def test_every_module_imports_in_a_fresh_interpreter():
         code = "import importlib,sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
         res = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 0, f"{pkg}: {res.stderr.strip().splitlines()[-1:]}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_bare_import_of_our_folders(module):
+    """Installed, only `dlsr` and `dlsr_monitor.<folder>` exist: `from config import ...` works in a checkout
+    (tests put the repository on the path) but fails in a container."""
+    bare = sorted(
+        name for name in _imports(TREES[module], top_level_only=False) if name.split(".")[0] in set(ALLOWED) - {"dlsr"}
+    )
+    assert not bare, f"{module} imports {bare}; write dlsr_monitor.{bare[0]}"
