@@ -9,6 +9,8 @@ headers plus `error` / `error_detail`). Count(in) = count(scores) + count(dead l
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
@@ -56,6 +58,15 @@ class ScoreRecord(_Record):
     model_version: str
     latency_ms: float = Field(description="Kafka timestamp to score, milliseconds")
     instance: str = Field(description="Monitor instance that scored it")
+    input_notes: list[str] | None = Field(
+        default=None,
+        description="Present only when an input header was unusable and a documented default was used instead "
+        "(e.g. a `ts` of NaN, inf, before 2000 or more than a day ahead: the Kafka timestamp is used)",
+    )
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON, utf-8; `input_notes` only when there are notes (records of clean input are unchanged)."""
+        return self.model_dump_json(exclude={"input_notes"} if not self.input_notes else None).encode()
 
 
 class OodAlert(_Record):
@@ -131,6 +142,13 @@ def parse_score(data: bytes | str) -> ScoreRecord:
     return ScoreRecord.model_validate_json(data)
 
 
+#: Event times outside [TS_MIN, now + TS_MAX_AHEAD_S] are unusable (a clock far off, or a poison header).
+TS_MIN = 946_684_800.0  # 2000-01-01
+TS_MAX_AHEAD_S = 86_400.0
+#: Longest `image_id` kept; a longer one is replaced by the default id (it ends up in keys and alert ids).
+IMAGE_ID_MAX = 256
+
+
 @dataclass(frozen=True)
 class InputMeta:
     """What the monitor reads from an input message besides its value."""
@@ -138,6 +156,7 @@ class InputMeta:
     image_id: str
     source: str
     ts: float
+    notes: tuple[str, ...] = ()  # why a documented default replaced a header
 
 
 def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
@@ -156,14 +175,18 @@ def _parse_ts(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        value = float(text)
+        value = float(text[:64])
         return value / 1000.0 if value > 1e11 else value
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        return datetime.fromisoformat(text[:64].replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
         return None
+
+
+def _usable_ts(ts: float | None, now: float) -> bool:
+    return ts is not None and math.isfinite(ts) and TS_MIN <= ts <= now + TS_MAX_AHEAD_S
 
 
 def parse_input_meta(
@@ -174,19 +197,43 @@ def parse_input_meta(
     key: bytes | None,
     headers: list[tuple[str, bytes | None]] | None,
     timestamp_ms: int | None,
+    now: float | None = None,
 ) -> InputMeta:
-    """Headers -> (image_id, source, ts) with the documented defaults; never raises."""
-    image_id = _header(headers, H_IMAGE_ID) or f"{topic}:{partition}:{offset}"
+    """Headers -> (image_id, source, ts) with the documented defaults; never raises.
+
+    Every field is untrusted: an `image_id` that is not UTF-8 or longer than IMAGE_ID_MAX becomes
+    `topic:partition:offset`; a `ts` that is unreadable, not finite, before 2000 or more than a day ahead of
+    `now` is replaced by the Kafka timestamp (by `now` when that is unusable too), and `notes` says so.
+    """
+    now = time.time() if now is None else now
+    notes: list[str] = []
+    default_id = f"{topic}:{partition}:{offset}"
+    image_id = _header(headers, H_IMAGE_ID)
+    if image_id is not None and len(image_id) > IMAGE_ID_MAX:
+        notes.append(f"image_id header longer than {IMAGE_ID_MAX} characters: used {default_id}")
+        image_id = None
     source = _header(headers, H_SOURCE)
     if source is None and key:
         try:
-            source = key.decode("utf-8").strip() or None
+            source = key[:1024].decode("utf-8").strip() or None
         except UnicodeDecodeError:
             source = None
-    ts = _parse_ts(_header(headers, H_TS))
-    if ts is None:
-        ts = (timestamp_ms / 1000.0) if timestamp_ms and timestamp_ms > 0 else 0.0
-    return InputMeta(image_id=image_id, source=_clean_source(source or DEFAULT_SOURCE), ts=ts)
+    raw_ts = _header(headers, H_TS)
+    ts = _parse_ts(raw_ts)
+    if not _usable_ts(ts, now):
+        kafka_ts = timestamp_ms / 1000.0 if timestamp_ms is not None and timestamp_ms > 0 else None
+        fallback, used = (kafka_ts, "the Kafka timestamp") if _usable_ts(kafka_ts, now) else (now, "the arrival time")
+        if raw_ts is not None:
+            notes.append(f"ts header {raw_ts[:40]!r} unusable: used {used}")
+        elif used != "the Kafka timestamp":
+            notes.append(f"no usable ts header or Kafka timestamp: used {used}")
+        ts = fallback
+    return InputMeta(
+        image_id=image_id or default_id,
+        source=_clean_source(source or DEFAULT_SOURCE),
+        ts=float(ts),
+        notes=tuple(notes),
+    )
 
 
 def _clean_source(source: str) -> str:

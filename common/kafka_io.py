@@ -54,19 +54,40 @@ def ensure_topics(kafka: KafkaSettings | str, names: list[str], *, partitions: i
 
 
 class KafkaSource:
-    """Consumer-group source: manual commits only, bounded prefetch.
+    """Consumer-group source: manual commits only, bounded prefetch, rebalances handled as routine.
+
+    A commit refused because the group is rebalancing is not an error: its offsets stay pending and are
+    committed on the next `commit` for the partitions still owned; on revocation the pending offsets of the
+    revoked partitions are committed one last time (they are replayed by the new owner when that fails too: same
+    ids, Redis effects skipped by the watermark). `assigned()` tells the loop which partitions it still owns, so
+    work polled before a rebalance is dropped for the partitions that moved. No call here blocks without a
+    timeout.
 
     Args:
         kafka: KafkaSettings (bootstrap, security).
         topic: input topic.
         group_id: consumer group shared by replicas.
         max_poll_records: most records one poll returns (bounds memory).
+        commit_timeout_s: longest a commit may block the loop (then it stays pending).
     """
 
-    def __init__(self, kafka: KafkaSettings, topic: str, group_id: str, *, max_poll_records: int = 256) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str,
+        group_id: str,
+        *,
+        max_poll_records: int = 256,
+        commit_timeout_s: float = 10.0,
+    ) -> None:
         from kafka import KafkaConsumer
+        from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
         self.topic = topic
+        self.commit_timeout_s = commit_timeout_s
+        self._pending: dict[tuple[str, int], int] = {}  # offsets produced-and-applied, not yet committed
+        self._owned: set[tuple[str, int]] = set()
+        self.rebalances = 0
         self._consumer = KafkaConsumer(
             **_kwargs(kafka),
             group_id=group_id,
@@ -77,7 +98,25 @@ class KafkaSource:
             max_partition_fetch_bytes=4 * 1024 * 1024,
             max_poll_interval_ms=300_000,
         )
-        self._consumer.subscribe([topic])
+        source = self
+
+        class _Listener(ConsumerRebalanceListener):
+            # Runs on the loop's thread inside poll(), before the group re-forms: the generation is still valid.
+            def on_partitions_revoked(self, revoked):  # noqa: ANN001 - kafka-python's signature
+                gone = {(tp.topic, tp.partition) for tp in revoked}
+                source._commit_now({tp: o for tp, o in source._pending.items() if tp in gone}, final=True)
+                source._owned -= gone
+                for tp in gone:
+                    source._pending.pop(tp, None)
+                if gone:
+                    log.info("partitions revoked: %s", sorted(gone))
+
+            def on_partitions_assigned(self, assigned):  # noqa: ANN001
+                source._owned = {(tp.topic, tp.partition) for tp in assigned}
+                source.rebalances += 1
+                log.info("partitions assigned: %s", sorted(source._owned))
+
+        self._consumer.subscribe([topic], listener=_Listener())
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
         got = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -97,27 +136,55 @@ class KafkaSource:
                 )
         return out
 
+    def assigned(self) -> set[tuple[str, int]]:
+        """(topic, partition) pairs this consumer owns now."""
+        return set(self._owned)
+
     def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        from kafka.errors import CommitFailedError
+        """Commit `offsets` (merged with earlier pending ones) for the partitions still owned."""
+        for tp, off in offsets.items():
+            if tp in self._owned or not self._owned:
+                self._pending[tp] = max(self._pending.get(tp, 0), int(off))
+        pending = {tp: o for tp, o in self._pending.items() if tp in self._owned or not self._owned}
+        if self._commit_now(pending, final=False):
+            for tp, off in pending.items():
+                if self._pending.get(tp) == off:
+                    del self._pending[tp]
+
+    def _commit_now(self, offsets: Mapping[tuple[str, int], int], *, final: bool) -> bool:
+        from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         if not offsets:
-            return
+            return True
         payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            self._consumer.commit(payload)
-        except CommitFailedError as exc:
-            # A rebalance moved these partitions away; the new owner replays them and the Redis watermark
-            # makes the replay's effects no-ops (at-least-once output, exactly-once state).
-            log.warning("commit refused after a rebalance (%s); the new owner will replay", exc)
+            self._consumer.commit(payload, timeout_ms=int(self.commit_timeout_s * 1000))
+            return True
+        except (KafkaError, AssertionError) as exc:
+            # RebalanceInProgress / CommitFailed / IllegalGeneration / a timeout: routine in a group. The offsets
+            # stay pending (retried after the next poll); revoked ones are replayed by their new owner, whose
+            # Redis effects are no-ops (the watermark) and whose outputs repeat the same ids.
+            what = "revoked partitions (the new owner replays them)" if final else "pending; retried after poll"
+            log.warning("commit of %d partition(s) not done (%s: %s): %s", len(offsets), type(exc).__name__,
+                        exc, what)
+            return False
 
     def lag(self) -> int | None:
+        """Messages behind the end of the owned partitions from what the consumer already knows (no network
+        call); None when unknown, including when nothing is assigned."""
         try:
             parts = list(self._consumer.assignment())
             if not parts:
-                return 0
-            ends = self._consumer.end_offsets(parts)
-            return int(sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in parts))
+                return None
+            total = 0
+            for tp in parts:
+                high = self._consumer.highwater(tp)
+                pos = self._consumer.position(tp, timeout_ms=0)
+                if high is None or pos is None:
+                    return None
+                total += max(0, int(high) - int(pos))
+            return total
         except Exception:  # lag is informational; never let it stop the loop
             return None
 

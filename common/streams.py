@@ -37,6 +37,9 @@ class Source(Protocol):
     def lag(self) -> int | None:
         """Messages behind the end of the assigned partitions (None when unknown)."""
 
+    def assigned(self) -> set[tuple[str, int]] | None:
+        """The (topic, partition) pairs owned now; None when the source has no group (owns everything)."""
+
     def close(self) -> None: ...
 
 

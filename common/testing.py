@@ -51,6 +51,9 @@ class MemorySource:
                 m for m in self._messages if m.offset >= self.committed.get((m.topic, m.partition), 0)
             ]
 
+    def assigned(self) -> set[tuple[str, int]] | None:
+        return None  # no consumer group: every partition is ours
+
     def lag(self) -> int | None:
         with self._lock:
             return len(self._messages) - self._pos

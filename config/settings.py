@@ -67,6 +67,11 @@ class KafkaSettings(BaseModel):
     retry_backoff_s: float = Field(
         1.0, gt=0, description="Seconds between start-up attempts (doubles, capped at 10 s)"
     )
+    outage_budget_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long the services wait out a broker outage (start-up included) before exiting; 0 = forever",
+    )
 
     @field_validator("sasl_mechanism")
     @classmethod
@@ -108,6 +113,14 @@ class RedisSettings(BaseModel):
     ssl_ca_certs: Path | None = Field(None, description="CA bundle for a rediss:// (TLS) URL")
     connect_retries: int = Field(5, ge=1, description="Start-up connection attempts before giving up")
     retry_backoff_s: float = Field(1.0, gt=0, description="Seconds between start-up attempts")
+    socket_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for one Redis reply (a paused server is an outage, not a hang)"
+    )
+    outage_budget_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long the services wait out a Redis outage (start-up included) before exiting; 0 = forever",
+    )
 
     @field_validator("url")
     @classmethod
@@ -118,7 +131,7 @@ class RedisSettings(BaseModel):
 
     def client_kwargs(self) -> dict:
         """Keyword arguments for `redis.Redis.from_url(url, **kwargs)`."""
-        kw: dict = {}
+        kw: dict = {"socket_timeout": self.socket_timeout_s}
         if self.username:
             kw["username"] = self.username
         if self.password is not None:
@@ -222,6 +235,11 @@ class MonitorSettings(BaseModel):
     max_image_bytes: int = Field(20_000_000, ge=1, description="Larger message values are dead letters")
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Larger images are dead letters (decompression bombs)"
+    )
+    max_decoded_bytes: int = Field(
+        0,
+        ge=0,
+        description="Decoded pixels in flight at most, bytes (0 = auto: a tenth of RAM, 256 MiB to 1 GiB)",
     )
     bucket_s: int = Field(60, ge=1, description="Width of one per-source window bucket, seconds (event time)")
     window_buckets: int = Field(10, ge=1, description="Buckets in the sliding drift window")

@@ -50,6 +50,29 @@ def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 
         raise ImageDecodeError("decode_failed", f"{type(exc).__name__}: {exc}") from exc
 
 
+def decoded_bytes(data: bytes) -> int:
+    """Upper estimate of the memory `decode_image(data)` holds at its peak, read from the header only.
+
+    0 when the header is unreadable (`decode_image` then fails fast without decoding pixels). Used to keep the
+    decoded pixels in flight within a budget.
+    """
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            width, height, mode = *im.size, im.mode
+    except Exception:  # noqa: BLE001 - unreadable headers are decode_image's to report
+        return 0
+    pixels = max(0, int(width)) * max(0, int(height))
+    # decoded frame + the copies of the RGB conversion: alpha is composited on white (RGBA, background,
+    # composite, RGB); 16-bit and float frames are rescaled through float64 (8 bytes) to 8 bits.
+    if mode in _ALPHA_MODES or mode == "P":
+        per_pixel = 4 + 4 + 4 + 3
+    elif mode.startswith("I") or mode == "F":
+        per_pixel = 4 + 8 + 1 + 3
+    else:
+        per_pixel = len(mode) + 3 if mode in _DIRECT_MODES else 4 + 3
+    return pixels * per_pixel
+
+
 def _decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageDecodeError("not_an_image", f"expected bytes, got {type(data).__name__}")

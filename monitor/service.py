@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -24,14 +25,23 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from dlsr.calibration import p_values
-from dlsr_monitor.common.connections import connect_redis, install_signal_handlers
+from dlsr.images import decoded_bytes
+from dlsr_monitor.common.connections import (
+    Abandoned,
+    OutagePolicy,
+    connect_redis,
+    install_signal_handlers,
+    redis_errors,
+    ride_out,
+)
 from dlsr_monitor.common.connections import kafka_retry as kafka_retry_policy
 from dlsr_monitor.common.contract import (
+    DEFAULT_SOURCE,
     DriftAlert,
     InputMeta,
     ModelAlert,
@@ -44,8 +54,9 @@ from dlsr_monitor.common.contract import (
 from dlsr_monitor.common.hotswap import ModelEvent, ModelHandle, ModelWatcher
 from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
 from dlsr_monitor.common.keys import Keys
-from dlsr_monitor.common.streams import Headers, Message, Sink, Source
+from dlsr_monitor.common.streams import Headers, Message, Sink, SinkError, Source
 from dlsr_monitor.monitor.batching import collect_batch
+from dlsr_monitor.monitor.budget import ByteBudget
 from dlsr_monitor.monitor.drift import DriftTest
 from dlsr_monitor.monitor.state import MonitorState, WindowRecord
 
@@ -55,6 +66,7 @@ if TYPE_CHECKING:
     from dlsr_monitor.config.settings import MonitorSettings, Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,8 +100,25 @@ class RunStats:
     drift_alerts: int = 0
     model_alerts: int = 0
     replayed: int = 0  # records whose Redis effects were already applied (a replay)
+    outages: int = 0  # Redis or broker outages waited out
     score_s: float = 0.0  # time inside detector.score_pixels
     started: float = field(default_factory=time.time)
+
+
+class _PreprocessError(Exception):
+    """An image the decoder accepted but `encoder.preprocess` refused."""
+
+
+def decoded_budget(monitor: MonitorSettings) -> int:
+    """Bytes of decoded pixels allowed in flight: the setting, else (0 = auto) a tenth of physical memory,
+    between 256 MiB and 1 GiB."""
+    if monitor.max_decoded_bytes:
+        return int(monitor.max_decoded_bytes)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 << 30
+    return int(min(1 << 30, max(256 << 20, physical // 10)))
 
 
 @dataclass(frozen=True)
@@ -118,51 +147,97 @@ def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, n
     """Pure: a scored batch -> score records, OOD alerts, dead letters and window records (no I/O).
 
     An image the model scored as non-finite becomes a dead letter (`score_not_finite`), like an undecodable one.
+    Last resort: an exception while routing one message dead-letters that message (`internal_error`, with the
+    exception class) and the batch goes on.
     """
-    handle, out = prep.handle, Routed()
+    out = Routed()
     score_of = dict(zip(prep.good, range(len(prep.good)), strict=True))
     for i, (m, meta) in enumerate(zip(prep.messages, prep.metas, strict=True)):
         tp = (m.topic, m.partition)
         out.sources.add(meta.source)
-        j = score_of.get(i)
-        dead = prep.dead.get(i)
-        if j is not None and not math.isfinite(scored.scores[j]):
-            dead = ("score_not_finite", f"model {handle.version} scored this image {scored.scores[j]}")
-            j = None
-        if j is None:
-            reason, detail = dead if dead is not None else ("internal_error", "no score and no reason")
-            origin = f"{m.topic}:{m.partition}:{m.offset}"
-            headers = dlq_headers(m.headers, reason=reason, detail=detail, origin=origin, image_id=meta.image_id)
-            out.dead.append((m.key, m.value or b"", headers))
-            out.windows[tp].append(WindowRecord(m.offset, meta.source, meta.ts, scored=False))
-            continue
-        score = float(scored.scores[j])
-        is_ood = bool(score > scored.threshold)
-        pval = float(scored.p_values[j]) if math.isfinite(scored.p_values[j]) else 1.0
-        latency = (now - m.timestamp_ms / 1000.0) * 1000.0 if m.timestamp_ms else 0.0
-        facts = dict(  # what the score record and the OOD alert both say about the image
-            image_id=meta.image_id,
-            source=meta.source,
-            topic=m.topic,
-            partition=m.partition,
-            offset=m.offset,
-            ts=meta.ts,
-            score=score,
-            threshold=scored.threshold,
-            p_value=pval,
-            model_version=handle.version,
-        )
-        rec = ScoreRecord(**facts, is_ood=is_ood, latency_ms=max(0.0, latency), instance=instance)
-        out.scores.append((meta.source.encode(), rec.to_bytes()))
-        out.windows[tp].append(WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score))
-        if not is_ood:
-            continue
-        out.ood += 1
-        if ood_alerts:
-            alert = OodAlert(alert_id=f"ood:{meta.image_id}", **facts)
-            out.alerts.append((meta.source.encode(), alert.to_bytes()))
-            out.window_alerts[tp].append((m.offset, alert_to_json(alert)))
+        try:
+            one = _route_one(m, meta, score_of.get(i), prep.dead.get(i), prep.handle, scored,
+                             instance=instance, ood_alerts=ood_alerts, now=now)
+        except Exception as exc:  # a bug or an input nobody foresaw: this message only
+            log.exception("routing %s:%d:%d failed; dead-lettering it", m.topic, m.partition, m.offset)
+            one = _dead_letter(m, meta, "internal_error", f"{type(exc).__name__}: {exc}")
+        record, dead, window, alert = one
+        out.windows[tp].append(window)
+        if record is not None:
+            out.scores.append(record)
+        if dead is not None:
+            out.dead.append(dead)
+        if alert is not None:
+            out.alerts.append(alert[0])
+            out.window_alerts[tp].append(alert[1])
+        out.ood += int(window.is_ood)
     return out
+
+
+_Routed1 = tuple[
+    "tuple[bytes, bytes] | None",
+    "tuple[bytes | None, bytes, Headers] | None",
+    WindowRecord,
+    "tuple[tuple[bytes, bytes], tuple[int, str]] | None",
+]
+
+
+def _dead_letter(m: Message, meta: InputMeta, reason: str, detail: str) -> _Routed1:
+    origin = f"{m.topic}:{m.partition}:{m.offset}"
+    try:
+        headers = dlq_headers(m.headers, reason=reason, detail=detail, origin=origin, image_id=meta.image_id)
+    except Exception:  # headers nobody can copy: the reason still travels
+        headers = [("error", reason.encode()), ("origin", origin.encode())]
+    value = m.value if isinstance(m.value, bytes) else b""
+    return None, (m.key, value, headers), WindowRecord(m.offset, meta.source, meta.ts, scored=False), None
+
+
+def _route_one(
+    m: Message,
+    meta: InputMeta,
+    j: int | None,
+    dead: tuple[str, str] | None,
+    handle: ModelHandle,
+    scored: Scored,
+    *,
+    instance: str,
+    ood_alerts: bool,
+    now: float,
+) -> _Routed1:
+    """One message -> (score record, dead letter, window record, OOD alert); exactly one of the first two."""
+    if j is not None and not math.isfinite(scored.scores[j]):
+        dead = ("score_not_finite", f"model {handle.version} scored this image {scored.scores[j]}")
+        j = None
+    if j is None:
+        reason, detail = dead if dead is not None else ("internal_error", "no score and no reason")
+        return _dead_letter(m, meta, reason, detail)
+    score = float(scored.scores[j])
+    is_ood = bool(score > scored.threshold)
+    pval = float(scored.p_values[j]) if math.isfinite(scored.p_values[j]) else 1.0
+    latency = (now - m.timestamp_ms / 1000.0) * 1000.0 if m.timestamp_ms else 0.0
+    facts = dict(  # what the score record and the OOD alert both say about the image
+        image_id=meta.image_id,
+        source=meta.source,
+        topic=m.topic,
+        partition=m.partition,
+        offset=m.offset,
+        ts=meta.ts,
+        score=score,
+        threshold=scored.threshold,
+        p_value=pval,
+        model_version=handle.version,
+    )
+    rec = ScoreRecord(
+        **facts, is_ood=is_ood, latency_ms=max(0.0, latency), instance=instance,
+        input_notes=list(meta.notes) or None,
+    )
+    key = meta.source.encode()
+    window = WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score)
+    alert = None
+    if is_ood and ood_alerts:
+        ood = OodAlert(alert_id=f"ood:{meta.image_id}", **facts)
+        alert = ((key, ood.to_bytes()), (m.offset, alert_to_json(ood)))
+    return (key, rec.to_bytes()), None, window, alert
 
 
 class MonitorService:
@@ -193,6 +268,7 @@ class MonitorService:
         decode: Callable[..., Any] | None = None,
         decode_error: type[Exception] | None = None,
         events: queue.Queue | None = None,
+        outages: dict[str, OutagePolicy] | None = None,
     ) -> None:
         if decode is None or decode_error is None:
             from dlsr.images import ImageDecodeError, decode_image
@@ -206,6 +282,7 @@ class MonitorService:
         self.instance = monitor.instance_id
         self._decode, self._decode_error = decode, decode_error
         self._pool = ThreadPoolExecutor(max_workers=monitor.decode_threads, thread_name_prefix="dlsr-decode")
+        self._budget = ByteBudget(decoded_budget(monitor))
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlsr-prepare")
         self._events: queue.Queue = events if events is not None else queue.Queue()
         self._thresholds: dict[str, tuple[float, float, np.ndarray | None]] = {}  # version -> (t, when, cal)
@@ -213,6 +290,10 @@ class MonitorService:
         self._last_beat = 0.0
         self._beat_count = 0
         self._last_version: str | None = None
+        self.outages = outages or {}
+        self.ready = True  # False while an outage is waited out
+        self._stop: threading.Event | None = None
+        self._beat_failing = False
 
     # ---- model events (called from the watcher thread) ---------------------------------------------
     def on_model_event(self, event: ModelEvent) -> None:
@@ -220,55 +301,65 @@ class MonitorService:
         self._events.put(event)
 
     # ---- preparing a batch (worker threads) ----------------------------------------------------------
-    def _decode_one(self, msg: Message) -> Any:
-        if msg.value is None:
+    def _decode_one(self, msg: Message, encoder: Any) -> torch.Tensor:
+        """Decode, resize and release one image (worker thread): (1, 3, H, W). Its decoded pixels are counted
+        against the in-flight budget from before they exist until they are gone."""
+        value = msg.value
+        if value is None:
             raise self._decode_error("empty", "message has no value (a tombstone)")
-        return self._decode(msg.value, max_bytes=self.cfg.max_image_bytes, max_pixels=self.cfg.max_image_pixels)
+        estimate = decoded_bytes(value) if len(value) <= self.cfg.max_image_bytes else 0
+        held = self._budget.reserve(estimate)
+        try:
+            im = self._decode(value, max_bytes=self.cfg.max_image_bytes, max_pixels=self.cfg.max_image_pixels)
+            try:
+                return encoder.preprocess([im])
+            except Exception as exc:  # the decoder accepted it, the preprocessing cannot take it
+                raise _PreprocessError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                im.close()
+        finally:
+            self._budget.release(held)
 
     def _prepare(self, messages: list[Message], handle: ModelHandle) -> _Prepared:
-        metas = [
-            parse_input_meta(
-                topic=m.topic,
-                partition=m.partition,
-                offset=m.offset,
-                key=m.key,
-                headers=m.headers,
-                timestamp_ms=m.timestamp_ms,
-            )
-            for m in messages
-        ]
-        prep = _Prepared(messages, metas, handle)
-        futures = [self._pool.submit(self._decode_one, m) for m in messages]
-        images = []
-        for i, fut in enumerate(futures):
+        metas, broken = [], {}
+        for i, m in enumerate(messages):
             try:
-                images.append(fut.result())
+                metas.append(
+                    parse_input_meta(
+                        topic=m.topic,
+                        partition=m.partition,
+                        offset=m.offset,
+                        key=m.key,
+                        headers=m.headers,
+                        timestamp_ms=m.timestamp_ms,
+                    )
+                )
+            except Exception as exc:  # parse_input_meta never raises by contract; if it does, this message only
+                metas.append(InputMeta(f"{m.topic}:{m.partition}:{m.offset}", DEFAULT_SOURCE, time.time()))
+                broken[i] = ("internal_error", f"{type(exc).__name__}: {exc}")
+        prep = _Prepared(messages, metas, handle)
+        encoder = handle.detector.encoder
+        futures = {
+            i: self._pool.submit(self._decode_one, m, encoder) for i, m in enumerate(messages) if i not in broken
+        }
+        tensors = []
+        for i in range(len(messages)):
+            if i in broken:
+                prep.dead[i] = broken[i]
+                continue
+            try:
+                tensors.append(futures[i].result())
                 prep.good.append(i)
             except self._decode_error as exc:
                 prep.dead[i] = (getattr(exc, "reason", "undecodable"), getattr(exc, "detail", "") or str(exc))
+            except _PreprocessError as exc:
+                prep.dead[i] = ("preprocess_failed", str(exc))
             except Exception as exc:  # a decoder bug must not stop the stream: dead-letter it, say what
                 prep.dead[i] = ("decode_failed", f"{type(exc).__name__}: {exc}")
-        if images:
+        if tensors:
             import torch
 
-            encoder = handle.detector.encoder
-            # Preprocess in chunks on the decode threads (encoder.preprocess is thread-safe).
-            n = max(1, math.ceil(len(images) / self.cfg.decode_threads))
-            chunks = [images[i : i + n] for i in range(0, len(images), n)]
-            try:
-                prep.pixels = torch.cat(list(self._pool.map(encoder.preprocess, chunks)))
-            except Exception:
-                # One image the decoder accepted but the preprocessing cannot take: find it, dead-letter it,
-                # keep the rest of the batch.
-                tensors, good = [], []
-                for i, im in zip(prep.good, images, strict=True):
-                    try:
-                        tensors.append(encoder.preprocess([im]))
-                        good.append(i)
-                    except Exception as exc:
-                        prep.dead[i] = ("preprocess_failed", f"{type(exc).__name__}: {exc}")
-                prep.good = good
-                prep.pixels = torch.cat(tensors) if tensors else None
+            prep.pixels = torch.cat(tensors)
         return prep
 
     # ---- thresholds -----------------------------------------------------------------------------------
@@ -296,14 +387,53 @@ class MonitorService:
 
     # ---- one batch: score -> route -> apply -> emit -> commit --------------------------------------------
     def _process(self, prep: _Prepared) -> None:
+        prep = self._owned_only(prep)
+        if not prep.messages:
+            return
         scored = self._score(prep)
         routed = route(
             prep, scored, instance=self.instance, ood_alerts=self.cfg.ood_alerts, now=time.time()
         )
-        drift_alerts = self._apply(routed, prep.handle)
-        self._emit(routed, drift_alerts)
+        # Redis and the broker may go away at any step: each step is idempotent, so it is retried until they
+        # are back (the batch is not committed before every step is done).
+        drift_alerts = self._ride_out("Redis", lambda: self._apply(routed, prep.handle))
+        model_alerts = self._model_alerts()
+        self._ride_out("Kafka", lambda: self._emit(routed, [*drift_alerts, *model_alerts]))
+        self._ride_out("Redis", lambda: self.state.mark_drift_emitted(drift_alerts))
         self._commit(prep.messages)
         self._count(prep, routed, drift_alerts)
+
+    def _owned_only(self, prep: _Prepared) -> _Prepared:
+        """Drop the messages of partitions a rebalance moved away since they were polled (the new owner
+        processes them from the last commit)."""
+        owned = self.source.assigned()
+        if owned is None:
+            return prep
+        keep = [i for i, m in enumerate(prep.messages) if (m.topic, m.partition) in owned]
+        if len(keep) == len(prep.messages):
+            return prep
+        log.info("dropping %d polled message(s) of revoked partitions", len(prep.messages) - len(keep))
+        new_index = {old: new for new, old in enumerate(keep)}
+        rows = [r for r, i in enumerate(prep.good) if i in new_index]
+        out = _Prepared([prep.messages[i] for i in keep], [prep.metas[i] for i in keep], prep.handle)
+        out.good = [new_index[prep.good[r]] for r in rows]
+        out.pixels = prep.pixels[rows] if prep.pixels is not None and rows else None
+        out.dead = {new_index[i]: v for i, v in prep.dead.items() if i in new_index}
+        return out
+
+    def _ride_out(self, what: str, step: Callable[[], T]) -> T:
+        """Run one idempotent step, waiting out an outage of `what` (Redis or Kafka) under its policy."""
+        errors = redis_errors() if what == "Redis" else (SinkError,)
+        return ride_out(
+            what, step, errors=errors, policy=self.outages.get(what, OutagePolicy()), stop=self._stop,
+            on_change=self._set_ready,
+        )
+
+    def _set_ready(self, up: bool) -> None:
+        self.ready = up
+        if not up:
+            self.stats.outages += 1
+        self._heartbeat(force=True)  # best effort: the dashboard sees `ready` (when Redis itself is up)
 
     def _score(self, prep: _Prepared) -> Scored:
         """Scores and p-values of the decodable images, with the threshold in force for this model."""
@@ -336,18 +466,18 @@ class MonitorService:
         )
         return self.state.evaluate_drift(routed.sources, test, model_version=handle.version)
 
-    def _emit(self, routed: Routed, drift_alerts: list[DriftAlert]) -> None:
-        """Produce everything, then wait for the acknowledgements (SinkError when the broker refuses)."""
+    def _emit(self, routed: Routed, alerts: list[DriftAlert | ModelAlert]) -> None:
+        """Produce everything, then wait for the acknowledgements (SinkError when the broker refuses; a retry
+        sends it all again: same ids)."""
         for key, value in routed.scores:
             self.sink.send(self.topics.scores, key, value)
         for key, value, headers in routed.dead:
             self.sink.send(self.topics.dlq, key, value, headers)
         for key, value in routed.alerts:
             self.sink.send(self.topics.alerts, key, value)
-        for a in [*drift_alerts, *self._model_alerts()]:
+        for a in alerts:
             self.sink.send(self.topics.alerts, a.source.encode(), a.to_bytes())
         self.sink.flush(self.cfg.produce_timeout_s)
-        self.state.mark_drift_emitted(drift_alerts)
 
     def _commit(self, messages: list[Message]) -> None:
         """Only now is the input done: commit the next offset of every partition in the batch."""
@@ -414,10 +544,16 @@ class MonitorService:
                     "batches": self.stats.batches,
                     "score_s": round(self.stats.score_s, 3),
                     "group": self.group,
+                    "ready": int(self.ready),
                 },
             )
+            if self._beat_failing:
+                log.info("heartbeats written again")
+            self._beat_failing = False
         except Exception as exc:  # liveness is best effort; the stream must go on
-            log.warning("heartbeat failed: %s", exc)
+            if not self._beat_failing:  # one line per state change, not one per beat
+                log.warning("heartbeat failed: %s", exc)
+            self._beat_failing = True
         self._last_beat, self._beat_count = now, self.stats.messages
         _trim_heap()
 
@@ -436,6 +572,7 @@ class MonitorService:
         `until_idle`: also return once the source has nothing more (tests). `max_messages`: stop after that many
         (tests that simulate a crash).
         """
+        self._stop = stop
         pending: Future | None = None
         while True:
             handle = self.current_model()
@@ -458,10 +595,16 @@ class MonitorService:
             nxt = self._prep.submit(self._prepare, batch, handle) if batch else None
             cur, pending = pending, nxt
             if cur is not None:
-                self._process(cur.result())
-            self._heartbeat()
+                try:
+                    self._process(cur.result())
+                except Abandoned as exc:
+                    log.warning("%s", exc)
+                    if pending is not None:
+                        pending.cancel()
+                    break
             if pending is None and (stop.is_set() or limit_hit or (until_idle and not batch)):
                 break
+            self._heartbeat()
         self._heartbeat(force=True)
         return self.stats
 
@@ -506,17 +649,21 @@ def _trim_heap() -> None:
 def run_monitor(settings: Settings, stop: threading.Event | None = None, *, handle_signals: bool = True) -> RunStats:
     """Wire the service from `config.Settings` and run it until SIGTERM/SIGINT (or `stop`).
 
-    Raises StartupError (one line) when Kafka or Redis is unreachable after the configured retries.
+    Kafka and Redis outages, at start-up and while running, are waited out for their `outage_budget_s`
+    (default forever); StartupError (one line) when a budget is spent.
     """
     stop = stop or threading.Event()
     if handle_signals:
         install_signal_handlers(stop)
         limit_heap_growth()  # only when we own the process
     kafka, mon = settings.kafka, settings.monitor
-    redis_client = connect_redis(settings.redis)
+    try:
+        redis_client = connect_redis(settings.redis, wait=True, stop=stop)
+    except Abandoned:
+        return RunStats()
     keys = Keys(settings.redis.prefix)
     state = MonitorState.from_settings(redis_client, keys, mon)
-    kafka_retry = functools.partial(kafka_retry_policy, kafka)
+    kafka_retry = functools.partial(kafka_retry_policy, kafka, wait=True, stop=stop)
     kafka_retry(
         lambda: ensure_topics(
             kafka,
@@ -559,6 +706,7 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
             topics=OutputTopics(kafka.scores_topic, kafka.alerts_topic, kafka.dlq_topic),
             group=kafka.group_id,
             events=events,
+            outages={"Redis": OutagePolicy.of(settings.redis), "Kafka": OutagePolicy.of(kafka)},
         )
         log.info("monitor %s consuming %s as group %s", mon.instance_id, kafka.input_topic, kafka.group_id)
         stats = service.run(stop)

@@ -65,3 +65,43 @@ def test_dlq_headers_keep_originals_and_add_reason():
     d = dict(h)
     assert d["source"] == b"cam" and d[DLQ_ERROR] == b"too_many_pixels" and d[DLQ_ERROR_DETAIL] == b"9e9 px"
     assert [k for k, _ in h].count("error") == 1 and d["image_id"] == b"in:0:5"
+
+
+NOW = 1_750_000_000.0
+
+
+def _meta_at(headers, timestamp_ms=1_749_999_000_000, key=None):
+    from dlsr_monitor.common.contract import parse_input_meta
+
+    return parse_input_meta(topic="in", partition=2, offset=7, key=key, headers=headers, timestamp_ms=timestamp_ms,
+                            now=NOW)
+
+
+@pytest.mark.parametrize(
+    "raw", ["nan", "inf", "-inf", "-5", "1e300", "1e999", "0", "946684799", str(NOW + 2 * 86400), "x" * 10_000,
+            "9999-12-31T23:59:59", "garbage"],
+)
+def test_an_unusable_ts_falls_back_to_the_kafka_timestamp_with_a_note(raw):
+    meta = _meta_at([("ts", raw.encode())])
+    assert meta.ts == 1_749_999_000.0
+    assert len(meta.notes) == 1 and "Kafka timestamp" in meta.notes[0]
+
+
+def test_usable_ts_forms_are_kept():
+    assert _meta_at([("ts", b"1749990000")]).ts == 1_749_990_000.0
+    assert _meta_at([("ts", b"1749990000123")]).ts == pytest.approx(1_749_990_000.123)  # milliseconds
+    assert _meta_at([("ts", b"2025-06-15T12:00:00Z")]).notes == ()
+
+
+def test_no_usable_time_at_all_uses_the_arrival_time():
+    meta = _meta_at([("ts", b"nan")], timestamp_ms=-1)
+    assert meta.ts == NOW and "arrival time" in meta.notes[0]
+    assert _meta_at([], timestamp_ms=None).ts == NOW
+
+
+def test_hostile_ids_keys_and_sources_get_documented_defaults():
+    meta = _meta_at([("image_id", b"i" * 10_000), ("source", b"\xff\xfe")], key=b"\xc3\x28")
+    assert meta.image_id == "in:2:7" and "image_id" in meta.notes[0]
+    assert meta.source == "default"
+    assert _meta_at([("source", b"cam:1*?" + b"z" * 500)]).source.startswith("cam_1__") and len(
+        _meta_at([("source", b"z" * 500)]).source) == 128

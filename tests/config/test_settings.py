@@ -96,7 +96,9 @@ def test_kafka_tls_files_reach_the_client(tmp_path):
 
 def test_redis_auth_and_tls():
     r = RedisSettings(url="rediss://cache:6380/1", username="app", password="s3cret", ssl_ca_certs="/ca.pem")
-    assert r.client_kwargs() == {"username": "app", "password": "s3cret", "ssl_ca_certs": "/ca.pem"}
+    assert r.client_kwargs() == {
+        "username": "app", "password": "s3cret", "ssl_ca_certs": "/ca.pem", "socket_timeout": 10.0
+    }
     assert isinstance(r.password, SecretStr) and "s3cret" not in repr(r)
     with pytest.raises(ValidationError, match="redis://"):
         RedisSettings(url="http://cache:6379")

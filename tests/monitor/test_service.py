@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dlsr_monitor.common.connections import OutagePolicy
 from dlsr_monitor.common.contract import DLQ_ERROR, parse_alert, parse_score
 from dlsr_monitor.common.streams import Message, SinkError
 from dlsr_monitor.common.testing import MemorySink, MemorySource
@@ -67,7 +68,7 @@ def view(svc: MonitorService) -> StateView:
 def make_service(redis_client, keys):
     created = []
 
-    def make(source, sink=None, detector=None, **cfg):
+    def make(source, sink=None, detector=None, outages=None, **cfg):
         settings = MonitorSettings(
             instance_id="t1", batch_max=16, batch_wait_ms=5, drift_min_images=20, **cfg
         )
@@ -82,6 +83,7 @@ def make_service(redis_client, keys):
             monitor=settings,
             topics=TOPICS,
             group="g",
+            outages=outages,
         )
         created.append(svc)
         return svc
@@ -133,10 +135,26 @@ def test_drift_alert_for_the_source_that_turned_ood(make_service):
     assert view(svc).read_drift("camA")["state"] == "ok"
 
 
-def test_failed_produce_is_not_committed_and_replay_counts_once(make_service):
+def test_broker_failure_is_waited_out_and_counted_once(make_service):
+    msgs = _stream([(0, "dark", "camA")] * 20 + [(0, "bright", "camA")] * 4)
+    src, sink = MemorySource(msgs), MemorySink(fail_next_flush=True)
+    svc = make_service(src, sink, outages={"Kafka": OutagePolicy(backoff_s=0.01)})
+    stats = svc.run(threading.Event(), until_idle=True)
+    assert stats.outages == 1 and svc.ready  # waited out, ready again
+    assert len(sink.on("scores")) == 24  # the failed batch was produced again, nothing lost
+    assert view(svc).window_totals("camA")["images"] == 24  # Redis effects once, despite the retry
+    assert src.committed == {("in", 0): 24}
+
+
+def test_failed_produce_beyond_the_outage_budget_is_not_committed_and_replay_counts_once(make_service):
     msgs = _stream([(0, "dark", "camA")] * 20 + [(0, "bright", "camA")] * 4)
     src = MemorySource(msgs)
-    svc = make_service(src, MemorySink(fail_next_flush=True))
+
+    class DownSink(MemorySink):
+        def flush(self, timeout_s):
+            raise SinkError("broker gone")
+
+    svc = make_service(src, DownSink(), outages={"Kafka": OutagePolicy(budget_s=0.05, backoff_s=0.01)})
     with pytest.raises(SinkError):
         svc.run(threading.Event(), until_idle=True)
     assert src.committed == {}  # Redis effects of batch 1 applied, but nothing committed
@@ -225,3 +243,103 @@ def test_an_image_the_preprocessing_rejects_is_a_dead_letter_not_a_crash(make_se
     )
     assert len(sink.on("scores")) == 5
     assert dict(sink.on("dlq")[0].headers)[DLQ_ERROR] == b"preprocess_failed"
+
+
+@pytest.mark.parametrize("ts", [b"nan", b"inf", b"-inf", b"-1", b"1e300", b"9" * 400, b"\xff\xfe", b"", b"0"])
+def test_a_poison_ts_header_is_scored_with_a_note_and_the_partition_goes_on(make_service, ts):
+    msgs = _stream([(0, "dark", "a")] * 4)
+    poisoned = Message("in", 0, 0, msgs[0].value, key=b"a", headers=[("ts", ts)], timestamp_ms=TS)
+    sink = MemorySink()
+    src = MemorySource([poisoned, *msgs[1:]])
+    make_service(src, sink).run(threading.Event(), until_idle=True)
+    records = [parse_score(r.value) for r in sink.on("scores")]
+    assert len(records) == 4 and src.committed == {("in", 0): 4}  # nothing stuck behind it
+    assert records[0].ts == TS / 1000.0  # the Kafka timestamp stands in
+    if ts.strip(b"\xff\xfe"):
+        assert records[0].input_notes and "ts header" in records[0].input_notes[0]
+    assert all(r.input_notes is None for r in records[1:])
+    assert b"input_notes" not in sink.on("scores")[1].value  # clean input: the record is unchanged
+
+
+def test_one_message_that_breaks_routing_is_an_internal_error_dead_letter(make_service, monkeypatch):
+    import dlsr_monitor.monitor.service as service
+
+    real = service._route_one
+
+    def flaky(m, *args, **kwargs):
+        if m.offset == 1:
+            raise KeyError("a bug nobody saw coming")
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(service, "_route_one", flaky)
+    sink = MemorySink()
+    src = MemorySource(_stream([(0, "dark", "a")] * 5))
+    make_service(src, sink).run(threading.Event(), until_idle=True)
+    assert len(sink.on("scores")) == 4 and src.committed == {("in", 0): 5}
+    headers = dict(sink.on("dlq")[0].headers)
+    assert headers[DLQ_ERROR] == b"internal_error" and b"KeyError" in headers["error_detail"]
+
+
+def test_a_redis_outage_is_waited_out_and_counted_once(make_service):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    svc = make_service(MemorySource(_stream([(0, "dark", "a")] * 20)),
+                       outages={"Redis": OutagePolicy(backoff_s=0.01)})
+    real, failures = svc.state.apply_batch, iter(range(3))
+
+    def down_then_up(*args, **kwargs):
+        if next(failures, None) is not None:
+            raise RedisConnectionError("Connection refused")
+        return real(*args, **kwargs)
+
+    svc.state.apply_batch = down_then_up
+    stats = svc.run(threading.Event(), until_idle=True)
+    assert stats.outages == 1 and svc.ready and stats.scored == 20
+    assert view(svc).window_totals("a")["images"] == 20
+
+
+def test_a_stop_during_an_outage_leaves_the_batch_uncommitted(make_service):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    src = MemorySource(_stream([(0, "dark", "a")] * 10))
+    svc = make_service(src, outages={"Redis": OutagePolicy(backoff_s=0.01)})
+    stop = threading.Event()
+
+    def down(*args, **kwargs):
+        stop.set()  # SIGTERM while Redis is away
+        raise RedisConnectionError("Connection refused")
+
+    svc.state.apply_batch = down
+    svc.run(stop)
+    assert src.committed == {}  # replayed after the restart, never half-applied
+
+
+def test_messages_of_revoked_partitions_are_dropped_before_scoring(make_service):
+    class Rebalanced(MemorySource):
+        def assigned(self):
+            return {("in", 0)}  # partition 1 moved to another replica after it was polled
+
+    src = Rebalanced(_stream([(0, "dark", "a"), (1, "dark", "b")] * 5))
+    sink = MemorySink()
+    make_service(src, sink).run(threading.Event(), until_idle=True)
+    records = [parse_score(r.value) for r in sink.on("scores")]
+    assert {r.partition for r in records} == {0} and len(records) == 5
+    assert src.committed == {("in", 0): 5}
+
+
+def test_decoded_pixels_in_flight_stay_within_the_budget(make_service):
+    from dlsr.images import decoded_bytes
+
+    def big(value):
+        buf = io.BytesIO()
+        Image.new("RGB", (800, 600), (value, value, value)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    images = [big(10 * i) for i in range(8)]
+    one = decoded_bytes(images[0])
+    msgs = [Message("in", 0, i, v, key=b"a", timestamp_ms=TS) for i, v in enumerate(images)]
+    sink = MemorySink()
+    svc = make_service(MemorySource(msgs), sink, decode_threads=4, max_decoded_bytes=int(one * 1.5))
+    svc.run(threading.Event(), until_idle=True)
+    assert len(sink.on("scores")) == 8
+    assert one <= svc._budget.peak <= int(one * 1.5) and svc._budget.in_use == 0
