@@ -442,21 +442,6 @@ def live_loop(
             signal.signal(signal.SIGWINCH, old_winch)
 
 
-def _connect(redis_settings):
-    import redis as redis_lib
-
-    from dlsr_monitor.config.errors import StartupError
-
-    client = redis_lib.Redis.from_url(redis_settings.url, **redis_settings.client_kwargs())
-    try:
-        client.ping()
-    except redis_lib.RedisError as exc:
-        raise StartupError(
-            f"Redis at {redis_settings.url} is not reachable ({exc}); start it or set DLSR_REDIS__URL"
-        ) from None
-    return client
-
-
 def run_dashboard(
     settings,
     *,
@@ -466,10 +451,21 @@ def run_dashboard(
     console: Console | None = None,
     redis_client=None,
 ) -> int:
-    """`dlsr dashboard`: one frame with `once`, else the live view until q / Ctrl-C."""
+    """`dlsr dashboard`: one frame with `once`, else the live view until q / Ctrl-C.
+
+    `once` needs Redis now (bounded retries, then one line); the live view starts whatever Redis does and shows
+    what is wrong until it is back (an outage is ridden out, not fatal).
+    """
     import redis as redis_lib
 
-    client = redis_client or _connect(settings.redis)
+    from dlsr_monitor.common.connections import connect_redis
+
+    if redis_client is not None:
+        client = redis_client
+    elif once:
+        client = connect_redis(settings.redis)
+    else:  # no ping: the client connects lazily and every frame retries
+        client = redis_lib.Redis.from_url(settings.redis.url, socket_connect_timeout=5, **settings.redis.client_kwargs())
     state = StateView.from_settings(client, Keys(settings.redis.prefix), settings.monitor)
     dash = settings.dashboard
     url = mask_url(settings.redis.url)

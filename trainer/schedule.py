@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dlsr_monitor.common.connections import Abandoned, OutagePolicy, redis_errors, ride_out
 from dlsr_monitor.common.hotswap import ModelWatcher
 from dlsr_monitor.common.keys import Keys
 from dlsr_monitor.common.registry import Registry
@@ -67,6 +68,7 @@ class TrainerService:
     progress: bool = True
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     watcher: ModelWatcher | None = None
+    outage: OutagePolicy = field(default_factory=OutagePolicy)
 
     @property
     def keys(self) -> Keys:
@@ -162,13 +164,21 @@ class TrainerService:
             self.min_new_vetted,
             self.ctx.store.root,
         )
+        last_error = None
         while not stop.is_set():
             try:
-                rec = self.step(poll_s)
+                # A Redis outage is waited out with capped backoff (one line when it goes, one when it is back).
+                rec = ride_out("Redis", lambda: self.step(poll_s), errors=redis_errors(), policy=self.outage, stop=stop)
                 if rec is not None:
                     log.info("job %s %s: %s", rec.job_id, rec.outcome, rec.message)
-            except Exception as exc:  # Redis or Kafka hiccup: log, wait, go on
-                log.error("trainer loop error (%s: %s); retrying in %.0f s", type(exc).__name__, exc, poll_s)
+                last_error = None
+            except Abandoned:
+                break
+            except Exception as exc:  # a Kafka hiccup or a bug in one step: log once per distinct error, go on
+                msg = f"{type(exc).__name__}: {exc}"
+                if msg != last_error:
+                    log.error("trainer loop error (%s); retrying every %.0f s", msg, poll_s)
+                last_error = msg
                 stop.wait(poll_s)
 
 
@@ -179,11 +189,13 @@ def build_service(
     alerts: bool | None = None,
     progress: bool = True,
     ops: Any | None = None,
+    wait: bool = False,
 ) -> TrainerService:
     """Wire a TrainerService from `config.Settings` (Redis, registry, store, dlsr ops, Kafka intake and alerts).
 
     `intake`: consume the vetted topic (the service; `dlsr trainer fit` must not join the service's group).
     `alerts`: send `model` alerts to Kafka (default: same as `intake`).
+    `wait`: wait out Redis / Kafka at start-up for their outage budget (the service), instead of bounded retries.
 
     Raises StartupError when Redis or Kafka is unreachable after the configured retries.
     """
@@ -193,7 +205,7 @@ def build_service(
     from dlsr_monitor.trainer.ops import DlsrOps
 
     tr, model = settings.trainer, settings.model
-    redis = connect_redis(settings.redis)
+    redis = connect_redis(settings.redis, wait=wait)
     keys = Keys(settings.redis.prefix)
     registry = Registry(redis, keys, model.artifact_store)
     store = VettedStore(tr.workdir)
@@ -211,7 +223,7 @@ def build_service(
         from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
 
         kafka = settings.kafka
-        retry = functools.partial(kafka_retry, kafka)
+        retry = functools.partial(kafka_retry, kafka, wait=wait)
         retry(
             lambda: ensure_topics(
                 kafka, [kafka.vetted_topic, kafka.alerts_topic], partitions=kafka.topic_partitions
@@ -250,4 +262,5 @@ def build_service(
         baseline=lambda v, s: reservoir.add(v, s, alpha),
         progress=progress,
         watcher=watcher,
+        outage=OutagePolicy.of(settings.redis),
     )
