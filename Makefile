@@ -55,3 +55,8 @@ bench-ood: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Fault suite in its full form (long kills, pauses, outages) plus longer fuzzing; `make test` runs the reduced form.
+.PHONY: faults
+faults: install
+	DLSR_FAULTS=full DLSR_FUZZ_EXAMPLES=$${DLSR_FUZZ_EXAMPLES:-5000} scripts/run_tests.sh $(BIN)/python -p no:cacheprovider tests/faults tests/dlsr/test_images_fuzz.py tests/common/test_contract_fuzz.py $(PYTEST_ARGS)

@@ -63,9 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr = msub.add_parser("promote", help="Make VERSION live (monitors follow between batches)")
     pr.add_argument("version")
     pr.add_argument("--expect", default=None, help="Only if the live version is this one (compare-and-set)")
+    pr.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    pr.add_argument("--by", default=None, help="Who forces it (recorded; default the OS user)")
     pr.set_defaults(handler=_model_promote)
     rb = msub.add_parser("rollback", help="Return to the previous live version")
     rb.add_argument("--expect", default=None, help="Only if the live version is this one (compare-and-set)")
+    rb.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    rb.add_argument("--by", default=None, help="Who forces it (recorded; default the OS user)")
     rb.set_defaults(handler=_model_rollback)
 
     jobs = sub.add_parser("jobs", help="Trainer job history: trigger, start, duration, data, gates, outcome")
@@ -226,12 +230,43 @@ def _model_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_FORCE_HELP = "Make it live even if the model checks refuse it (recorded on the entry, with who and why)"
+
+
+def _check_before_live(reg: Any, version: str, args: argparse.Namespace, settings: Settings, action: str) -> int:
+    """The checks the monitor's watcher applies, run before the pointer moves; 0 to go on."""
+    import getpass
+
+    from dlsr_monitor.common.model_checks import ModelRefusedError, entry_problems, load_checked
+    from dlsr_monitor.common.registry import RegistryError
+
+    try:
+        entry = reg.entry(version)
+        problems = entry_problems(entry)
+        if not problems:
+            load_checked(reg.verify(entry), device=settings.model.device)
+    except ModelRefusedError as exc:
+        problems = exc.problems
+    except RegistryError as exc:
+        problems = [str(exc)]
+    if not problems:
+        return 0
+    if not args.force:
+        return _err(f"model {version} refused: {'; '.join(problems)} (--force makes it live anyway, recorded)")
+    by = args.by or getpass.getuser()
+    reg.record_forced(version, by=by, action=action, problems=problems)
+    print(f"warning: {action} of {version} forced by {by} past: {'; '.join(problems)}", file=sys.stderr)
+    return 0
+
+
 def _model_promote(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.common.registry import ANY, RegistryError
 
     reg = _registry(settings)
     before = reg.current_version()
     try:
+        if rc := _check_before_live(reg, args.version, args, settings, "promote"):
+            return rc
         entry = reg.promote(args.version, expected=args.expect if args.expect is not None else ANY)
     except RegistryError as exc:
         return _err(str(exc))
@@ -244,7 +279,10 @@ def _model_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
     reg = _registry(settings)
     before = reg.current_version()
+    previous = reg.previous_versions()
     try:
+        if previous and (rc := _check_before_live(reg, previous[0], args, settings, "rollback")):
+            return rc
         entry = reg.rollback(expected=args.expect if args.expect is not None else ANY)
     except RegistryError as exc:
         return _err(str(exc))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.model_checks import ModelRefusedError, entry_problems
 from dlsr_monitor.common.registry import ModelEntry, Registry, RegistryError, VersionNotFoundError
 
 if TYPE_CHECKING:
@@ -149,6 +150,9 @@ class ModelWatcher:
             t0 = time.perf_counter()
             try:
                 entry = self.registry.entry(version)
+                problems = entry_problems(entry)
+                if problems:  # e.g. alpha 1.5: never serve it, keep the model we have
+                    raise ModelRefusedError(f"registry entry {version}", problems)
                 path = self.registry.verify(entry)
                 detector = self.load_fn(path)
             except Exception as exc:
@@ -175,7 +179,7 @@ class ModelWatcher:
         self._failed[version] = (time.monotonic() + backoff, backoff)
         reason = (
             str(exc)
-            if isinstance(exc, (RegistryError, VersionNotFoundError))
+            if isinstance(exc, (RegistryError, VersionNotFoundError, ModelRefusedError))
             else f"{type(exc).__name__}: {exc}"
         )
         keep = f"keeping {active}" if active else "no model is serving"

@@ -136,6 +136,7 @@ class ModelEntry:
     parent: str | None = None
     created: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    forced: dict[str, Any] | None = None  # set when an operator made it live past the model checks (--force)
 
     def to_hash(self) -> dict[str, str]:
         """Redis hash fields (strings; dicts as JSON)."""
@@ -150,6 +151,7 @@ class ModelEntry:
             "parent": self.parent or "",
             "created": repr(float(self.created)),
             "extra": json.dumps(self.extra, sort_keys=True, default=str),
+            "forced": json.dumps(self.forced, sort_keys=True) if self.forced else "",
         }
 
     @classmethod
@@ -167,6 +169,7 @@ class ModelEntry:
             parent=h.get("parent") or None,
             created=float(h.get("created") or 0.0),
             extra=json.loads(h.get("extra") or "{}"),
+            forced=json.loads(h.get("forced") or "null"),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -182,6 +185,7 @@ class ModelEntry:
             "parent": self.parent,
             "created": self.created,
             "extra": self.extra,
+            "forced": self.forced,
         }
 
 
@@ -401,6 +405,11 @@ class Registry:
                 "use 'dlsr model promote VERSION' to pick one"
             )
         return self.entry(str(_s(res[1])))
+
+    def record_forced(self, version: str, *, by: str, action: str, problems: list[str]) -> None:
+        """Note on the entry that an operator made it live past the model checks (who, when, what was wrong)."""
+        note = {"by": by, "at": time.time(), "action": action, "problems": problems}
+        self.redis.hset(self.keys.model_entry(version), "forced", json.dumps(note, sort_keys=True))
 
     def current_version(self) -> str | None:
         """The live version, or None before the first publish."""

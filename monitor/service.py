@@ -54,6 +54,7 @@ from dlsr_monitor.common.contract import (
 from dlsr_monitor.common.hotswap import ModelEvent, ModelHandle, ModelWatcher
 from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
 from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.model_checks import load_checked
 from dlsr_monitor.common.streams import Headers, Message, Sink, SinkError, Source
 from dlsr_monitor.monitor.batching import collect_batch
 from dlsr_monitor.monitor.budget import ByteBudget
@@ -673,15 +674,13 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
     )
     sink = kafka_retry(lambda: KafkaSink(kafka))
 
-    from dlsr.artifacts import load_detector  # torch and timm: loaded only by the running service
-
     device = settings.model.device
     events: queue.Queue = queue.Queue()
     watcher = ModelWatcher(
         redis_client,
         keys,
         settings.model.artifact_store,
-        functools.partial(load_detector, device=device),
+        functools.partial(load_checked, device=device),  # refuses what cannot serve; the old model stays
         on_event=events.put,
     )
     watcher.start()

@@ -136,3 +136,17 @@ def test_callback_error_does_not_stop_the_watcher(setup):
         assert w.wait_ready(5)
         reg.publish(make_artifact(tmp, "b", b"two"), threshold=1, alpha=0.01)
         assert wait_for(lambda: w.current().version == "v2")
+
+
+def test_an_impossible_registry_entry_is_refused_and_the_old_model_keeps_serving(setup):
+    reg, client, keys, store, tmp = setup
+    reg.publish(make_artifact(tmp, "a", b"one"), threshold=1, alpha=0.01)
+    events = Events()
+    w = ModelWatcher(client, keys, store, fake_load, events, poll_s=0.02)
+    assert w.poll_once() and w.current().version == "v1"
+    reg.publish(make_artifact(tmp, "b", b"two"), threshold=2, alpha=0.01)
+    client.hset(keys.model_entry("v2"), "alpha", "1.5")  # what a hand-edited entry can hold
+    assert not w.poll_once()
+    assert w.current().version == "v1"
+    assert events.kinds() == [(LOADED, "v1"), (LOAD_FAILED, "v2")]
+    assert "alpha 1.5 is not in (0, 1)" in events.items[-1].message
