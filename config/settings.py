@@ -359,6 +359,49 @@ class DemoSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics and health endpoints (`/metrics`, `/healthz`, `/readyz`) of the services."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int | None = Field(
+        None, ge=1, le=65535, description="HTTP port of /metrics, /healthz and /readyz (off when unset)"
+    )
+    host: str = Field("0.0.0.0", description="Address the metrics endpoint listens on")
+    max_sources: int = Field(
+        50, ge=1, description="Distinct `source` label values per metric; later sources count as `other`"
+    )
+    stall_s: float = Field(
+        60.0, gt=0, description="/healthz fails when the loop made no progress for this long (and was not idle)"
+    )
+
+
+class LogSettings(BaseModel):
+    """Log output of every command and service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per line (level, logger, instance, message ...)"
+    )
+
+
+class NotifySettings(BaseModel):
+    """`dlsr notify`: alerts from `dlsr.alerts` to webhooks (Slack-compatible or generic JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhooks: list[str] = Field(
+        default_factory=list, description='Webhook URLs, e.g. ["https://hooks.slack.com/services/..."]'
+    )
+    payload: Literal["slack", "json"] = Field("slack", description="slack (text + blocks) or json (the alert)")
+    group_id: str = Field("dlsr-notify", description="Consumer group of the notifier on the alerts topic")
+    timeout_s: float = Field(10.0, gt=0, description="Longest wait for one webhook answer")
+    max_attempts: int = Field(6, ge=1, description="Posts of one alert before it is dead-lettered")
+    backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles up to backoff_max_s")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest delay between retries")
+
+
 # Keyword arguments each detector kind takes from `trainer.detector` (tests/config checks these against the
 # dlsr classes' signatures; kept as data so that reading settings does not import torch).
 DETECTOR_ARGUMENTS: dict[str, tuple[str, ...]] = {
@@ -395,6 +438,9 @@ class Settings(BaseSettings):
         default_factory=DashboardSettings, description="The terminal dashboard"
     )
     demo: DemoSettings = Field(default_factory=DemoSettings, description="The embedded demo")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Metrics and health endpoints")
+    log: LogSettings = Field(default_factory=LogSettings, description="Log format")
+    notify: NotifySettings = Field(default_factory=NotifySettings, description="Webhook alerts")
 
     @classmethod
     def settings_customise_sources(
