@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -187,6 +188,31 @@ class KafkaSource:
             return total
         except Exception:  # lag is informational; never let it stop the loop
             return None
+
+    def broker_seen_s(self) -> float | None:
+        """Seconds since the group coordinator last answered this consumer (None when unknown).
+
+        An empty poll means "nothing to consume" only while the broker answers; this tells the two apart. It
+        reads kafka-python's heartbeat record (no public accessor exists in 2.3); None if that ever moves.
+        """
+        try:
+            beat = self._consumer._coordinator.heartbeat
+            last = max(float(beat.last_receive), float(beat.last_reset))  # a (re)join counts as an answer
+        except Exception:
+            return None
+        return time.time() - last if last > 0 else None
+
+    def lag_by_partition(self) -> dict[int, int]:
+        """Lag of each owned partition whose end and position are already known (no network call)."""
+        out: dict[int, int] = {}
+        try:
+            for tp in self._consumer.assignment():
+                high, pos = self._consumer.highwater(tp), self._consumer.position(tp, timeout_ms=0)
+                if high is not None and pos is not None:
+                    out[tp.partition] = max(0, int(high) - int(pos))
+        except Exception:  # informational only
+            return {}
+        return out
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -55,6 +55,7 @@ from dlsr_monitor.common.hotswap import ModelEvent, ModelHandle, ModelWatcher
 from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
 from dlsr_monitor.common.keys import Keys
 from dlsr_monitor.common.model_checks import load_checked
+from dlsr_monitor.common.observability import Health, MonitorMetrics, serve
 from dlsr_monitor.common.streams import Headers, Message, Sink, SinkError, Source
 from dlsr_monitor.monitor.batching import collect_batch
 from dlsr_monitor.monitor.budget import ByteBudget
@@ -129,6 +130,7 @@ class Scored:
     scores: np.ndarray  # (len(good),) float64
     p_values: np.ndarray  # (len(good),) float64, NaN without calibration scores
     threshold: float
+    seconds: float = 0.0  # model time
 
 
 @dataclass
@@ -142,6 +144,8 @@ class Routed:
     alerts: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, OodAlert JSON)
     sources: set[str] = field(default_factory=set)
     ood: int = 0
+    dead_reasons: list[str] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)  # Kafka timestamp to score, per scored image
 
 
 def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, now: float) -> Routed:
@@ -166,8 +170,11 @@ def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, n
         out.windows[tp].append(window)
         if record is not None:
             out.scores.append(record)
+            if m.timestamp_ms:
+                out.latencies_s.append(now - m.timestamp_ms / 1000.0)
         if dead is not None:
             out.dead.append(dead)
+            out.dead_reasons.append(next((v.decode("utf-8", "replace") for k, v in dead[2] if k == "error"), "?"))
         if alert is not None:
             out.alerts.append(alert[0])
             out.window_alerts[tp].append(alert[1])
@@ -270,6 +277,8 @@ class MonitorService:
         decode_error: type[Exception] | None = None,
         events: queue.Queue | None = None,
         outages: dict[str, OutagePolicy] | None = None,
+        metrics: MonitorMetrics | None = None,
+        health: Health | None = None,
     ) -> None:
         if decode is None or decode_error is None:
             from dlsr.images import ImageDecodeError, decode_image
@@ -292,6 +301,11 @@ class MonitorService:
         self._beat_count = 0
         self._last_version: str | None = None
         self.outages = outages or {}
+        self.metrics = metrics or MonitorMetrics()
+        self.health = health or Health()
+        self.health.set("model", False)
+        self.health.set("redis", True)  # the service is built after both answered
+        self.health.set("kafka", True)
         self.ready = True  # False while an outage is waited out
         self._stop: threading.Event | None = None
         self._beat_failing = False
@@ -402,7 +416,7 @@ class MonitorService:
         self._ride_out("Kafka", lambda: self._emit(routed, [*drift_alerts, *model_alerts]))
         self._ride_out("Redis", lambda: self.state.mark_drift_emitted(drift_alerts))
         self._commit(prep.messages)
-        self._count(prep, routed, drift_alerts)
+        self._count(prep, routed, scored, drift_alerts)
 
     def _owned_only(self, prep: _Prepared) -> _Prepared:
         """Drop the messages of partitions a rebalance moved away since they were polled (the new owner
@@ -427,28 +441,32 @@ class MonitorService:
         errors = redis_errors() if what == "Redis" else (SinkError,)
         return ride_out(
             what, step, errors=errors, policy=self.outages.get(what, OutagePolicy()), stop=self._stop,
-            on_change=self._set_ready,
+            on_change=functools.partial(self._set_ready, what),
         )
 
-    def _set_ready(self, up: bool) -> None:
+    def _set_ready(self, what: str, up: bool) -> None:
         self.ready = up
+        self.health.set(what.lower(), up)
+        self.metrics.ready.set(int(up and self.current_model() is not None))
         if not up:
             self.stats.outages += 1
+            self.metrics.outages.labels(what).inc()
         self._heartbeat(force=True)  # best effort: the dashboard sees `ready` (when Redis itself is up)
 
     def _score(self, prep: _Prepared) -> Scored:
         """Scores and p-values of the decodable images, with the threshold in force for this model."""
         threshold, cal = self._threshold(prep.handle)
-        scores = np.empty(0)
+        scores, seconds = np.empty(0), 0.0
         if prep.good:
             t0 = time.perf_counter()
             scores = np.asarray(prep.handle.detector.score_pixels(prep.pixels), dtype=np.float64).reshape(-1)
-            self.stats.score_s += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.stats.score_s += seconds
         if cal is not None and len(cal) and scores.size:
             pvals = np.asarray(p_values(np.asarray(cal), scores), dtype=np.float64)
         else:
             pvals = np.full(scores.shape, float("nan"))
-        return Scored(scores, pvals, threshold)
+        return Scored(scores, pvals, threshold, seconds)
 
     def _apply(self, routed: Routed, handle: ModelHandle) -> list[DriftAlert]:
         """The batch's only Redis effects: window counters exactly once per input offset, then drift from the
@@ -488,7 +506,17 @@ class MonitorService:
             commit[tp] = max(commit.get(tp, 0), m.offset + 1)
         self.source.commit(commit)
 
-    def _count(self, prep: _Prepared, routed: Routed, drift_alerts: list[DriftAlert]) -> None:
+    def _count(self, prep: _Prepared, routed: Routed, scored: Scored, drift_alerts: list[DriftAlert]) -> None:
+        self.health.progressed()
+        self.metrics.batch_done(
+            scored=[(w.source, w.is_ood) for ws in routed.windows.values() for w in ws if w.scored],
+            dead_reasons=routed.dead_reasons,
+            batch_size=len(prep.messages),
+            score_s=scored.seconds,
+            latencies_s=routed.latencies_s,
+        )
+        for a in drift_alerts:
+            self.metrics.drift_state(a.source, a.state == "raised")
         self.stats.batches += 1
         self.stats.messages += len(prep.messages)
         self.stats.scored += len(routed.scores)
@@ -556,6 +584,9 @@ class MonitorService:
                 log.warning("heartbeat failed: %s", exc)
             self._beat_failing = True
         self._last_beat, self._beat_count = now, self.stats.messages
+        by_partition = getattr(self.source, "lag_by_partition", None)
+        if callable(by_partition):
+            self.metrics.partition_lag(by_partition())
         _trim_heap()
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -580,16 +611,22 @@ class MonitorService:
             if handle is None:
                 if stop.is_set():
                     break
+                self.health.progressed()
                 self._heartbeat()
                 stop.wait(0.2)
                 continue
             if self._last_version != handle.version:
                 log.info("scoring with model %s", handle.version)
                 self._last_version = handle.version
+                self.metrics.model_live(handle.version, float(handle.alpha))
+                self.health.set("model", True)
+                self.metrics.ready.set(int(self.ready))
             batch: list[Message] = []
             limit_hit = max_messages is not None and self.stats.messages >= max_messages
             if not stop.is_set() and not limit_hit:
                 batch = self._collect()
+                if not batch and pending is None and self._broker_answers():
+                    self.health.progressed()  # idle: nothing to consume is not a stall
             # Prepare batch k+1 while batch k is scored. On shutdown no new batch is polled, and the one
             # already polled is finished and committed, not dropped. On an error the prepared batch is simply
             # not committed: it is replayed after the restart.
@@ -608,6 +645,13 @@ class MonitorService:
             self._heartbeat()
         self._heartbeat(force=True)
         return self.stats
+
+    def _broker_answers(self) -> bool:
+        """False when the broker has been silent for the stall time: an empty poll then is not 'idle'."""
+        seen = getattr(self.source, "broker_seen_s", None)
+        age = seen() if callable(seen) else None
+        self.health.detail["broker_seen_s"] = None if age is None else round(age, 3)
+        return age is None or age < self.health.stall_s
 
     def close(self) -> None:
         """Release threads and the adapters."""
@@ -684,10 +728,15 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
         on_event=events.put,
     )
     watcher.start()
+    metrics = MonitorMetrics(settings.metrics.max_sources)
+    health = Health(settings.metrics.stall_s)
+    health.set("model", False)
+    server = serve(settings.metrics, metrics.registry, health)
     service: MonitorService | None = None
     try:
         waited = 0.0
         while not watcher.wait_ready(1.0):
+            health.progressed()  # waiting for a first model is not a stalled loop (readyz says not ready)
             if stop.is_set():
                 return RunStats()
             waited += 1.0
@@ -706,6 +755,8 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
             group=kafka.group_id,
             events=events,
             outages={"Redis": OutagePolicy.of(settings.redis), "Kafka": OutagePolicy.of(kafka)},
+            metrics=metrics,
+            health=health,
         )
         log.info("monitor %s consuming %s as group %s", mon.instance_id, kafka.input_topic, kafka.group_id)
         stats = service.run(stop)
@@ -715,6 +766,8 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
         )
         return stats
     finally:
+        if server is not None:
+            server.stop()
         watcher.stop()
         if service is not None:
             service.close()

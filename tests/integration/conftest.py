@@ -174,7 +174,10 @@ class MonitorProcess:
                 "OMP_NUM_THREADS": "1",  # several monitors share 2 cores in these tests
             }
         )
-        env.update({f"DLSR_MONITOR__{key.upper()}": str(val) for key, val in monitor_env.items()})
+        # Keys spelled DLSR_... are passed as they are (any section); the rest are monitor settings.
+        env.update(
+            {(k if k.startswith("DLSR_") else f"DLSR_MONITOR__{k.upper()}"): str(v) for k, v in monitor_env.items()}
+        )
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dlsr_monitor.monitor", "--log-level", "INFO"],
