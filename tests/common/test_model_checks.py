@@ -45,7 +45,7 @@ def test_impossible_entries_are_refused(over, phrase):
 
 def test_nan_weights_are_refused_on_load(tmp_path):
     det = _fitted()
-    for name, tensor in det.state_tensors().items():
+    for tensor in det.state_tensors().values():
         if tensor.is_floating_point() and tensor.numel() > 1:
             tensor.view(-1)[0] = torch.nan  # the artifact's manifest stays consistent: sha256 of NaN weights
             break
