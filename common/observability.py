@@ -38,6 +38,7 @@ class Health:
         self.last_progress = clock()
         self.checks: dict[str, bool] = {}
         self.detail: dict[str, object] = {}  # extra facts shown in both answers (e.g. broker_seen_s)
+        self.busy_since: float | None = None  # inside one long step (a trainer job) that reports no progress
 
     def progressed(self) -> None:
         """The loop finished a step (a batch committed, or a poll that found nothing to consume)."""
@@ -47,8 +48,18 @@ class Health:
         self.checks[name] = bool(ok)
 
     def live(self) -> tuple[bool, dict]:
-        age = self._clock() - self.last_progress
-        return age <= self.stall_s, {"last_progress_s": round(age, 3), "stall_s": self.stall_s, **self.detail}
+        now = self._clock()
+        age = now - self.last_progress
+        body = {"last_progress_s": round(age, 3), "stall_s": self.stall_s, **self.detail}
+        if self.busy_since is not None:  # a refit can take an hour on a CPU: the loop is busy, not stalled
+            return True, {**body, "busy_s": round(now - self.busy_since, 3)}
+        return age <= self.stall_s, body
+
+    def busy(self, on: bool) -> None:
+        """Enter / leave a long step; leaving counts as progress."""
+        self.busy_since = self._clock() if on else None
+        if not on:
+            self.progressed()
 
     def ready(self) -> tuple[bool, dict]:
         ok = bool(self.checks) and all(self.checks.values())

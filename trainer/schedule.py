@@ -26,6 +26,7 @@ import numpy as np
 from dlsr_monitor.common.connections import Abandoned, OutagePolicy, redis_errors, ride_out
 from dlsr_monitor.common.hotswap import ModelWatcher
 from dlsr_monitor.common.keys import Keys
+from dlsr_monitor.common.observability import Health, TrainerMetrics
 from dlsr_monitor.common.registry import Registry
 from dlsr_monitor.trainer.history import JobHistory, JobRecord
 from dlsr_monitor.trainer.intake import VettedIntake, VettedStore
@@ -69,6 +70,8 @@ class TrainerService:
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     watcher: ModelWatcher | None = None
     outage: OutagePolicy = field(default_factory=OutagePolicy)
+    metrics: TrainerMetrics = field(default_factory=TrainerMetrics)
+    health: Health = field(default_factory=Health)
 
     @property
     def keys(self) -> Keys:
@@ -109,12 +112,24 @@ class TrainerService:
             for job_id in self.ctx.history.close_abandoned(self.owner):
                 log.warning("job %s was abandoned by a trainer that died mid-job", job_id)
             taken = self.new_vetted()
-            rec = run_job(self.ctx, trigger, lock=lock, progress=self.progress)
+            self.health.busy(True)
+            try:
+                rec = run_job(self.ctx, trigger, lock=lock, progress=self.progress)
+            finally:
+                self.health.busy(False)
+            self.metrics.job_done(
+                rec.outcome, rec.duration_s,
+                {name: bool(g.get("passed", True)) for name, g in rec.gates.items() if isinstance(g, dict)},
+            )
             if taken:
                 self.redis.decrby(self.keys.vetted_new(), taken)  # arrivals during the job count for the next
             return rec
         finally:
             lock.release()
+
+    def _set_ready(self, up: bool) -> None:
+        self.health.set("redis", up)
+        self.metrics.ready.set(int(up))
 
     # ---- the service loop -------------------------------------------------------------------------
     def take_in(self, timeout_s: float) -> int:
@@ -168,7 +183,11 @@ class TrainerService:
         while not stop.is_set():
             try:
                 # A Redis outage is waited out with capped backoff (one line when it goes, one when it is back).
-                rec = ride_out("Redis", lambda: self.step(poll_s), errors=redis_errors(), policy=self.outage, stop=stop)
+                rec = ride_out(
+                    "Redis", lambda: self.step(poll_s), errors=redis_errors(), policy=self.outage, stop=stop,
+                    on_change=self._set_ready,
+                )
+                self.health.progressed()
                 if rec is not None:
                     log.info("job %s %s: %s", rec.job_id, rec.outcome, rec.message)
                 last_error = None
@@ -263,4 +282,5 @@ def build_service(
         progress=progress,
         watcher=watcher,
         outage=OutagePolicy.of(settings.redis),
+        health=Health(settings.metrics.stall_s),
     )
