@@ -17,7 +17,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
+#: 2 added `sha256` (content hash of the input value) and, when the model has per-stage calibration, `layers`
+#: and `shift`; version 1 records (without them) still parse. Changes are additive: a consumer of version N
+#: reads version N + 1 by ignoring the fields it does not know.
+SCHEMA_VERSION = 2
 
 #: Dead-letter headers added to the original ones (bytes, utf-8).
 DLQ_ERROR = "error"  # short slug, e.g. "too_many_pixels", "not_an_image"
@@ -58,6 +61,9 @@ class ScoreRecord(_Record):
     model_version: str
     latency_ms: float = Field(description="Kafka timestamp to score, milliseconds")
     instance: str = Field(description="Monitor instance that scored it")
+    sha256: str | None = Field(
+        default=None, description="SHA-256 of the input message's value (hex): finds the original and proves it"
+    )
     input_notes: list[str] | None = Field(
         default=None,
         description="Present only when an input header was unusable and a documented default was used instead "

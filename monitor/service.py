@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -237,7 +238,7 @@ def _route_one(
     )
     rec = ScoreRecord(
         **facts, is_ood=is_ood, latency_ms=max(0.0, latency), instance=instance,
-        input_notes=list(meta.notes) or None,
+        sha256=hashlib.sha256(m.value or b"").hexdigest(), input_notes=list(meta.notes) or None,
     )
     key = meta.source.encode()
     window = WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score)
