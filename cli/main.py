@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from dlsr_monitor.cli import bench_cmd, config_cmd, monitor_cmd, ops_cmd, trainer_cmd
+from dlsr_monitor.cli import bench_cmd, config_cmd, monitor_cmd, notify_cmd, ops_cmd, trainer_cmd
 from dlsr_monitor.config import ConfigFileError, Settings, StartupError, load_settings, settings_error_lines
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     for register in (
         monitor_cmd.register,
         ops_cmd.register,
+        notify_cmd.register,
         trainer_cmd.register,
         bench_cmd.register,
         config_cmd.register,

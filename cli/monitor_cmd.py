@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _monitor(args: argparse.Namespace, settings) -> int:
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # kafka-python logs every reconnect
+    from dlsr_monitor.cli.logs import configure_logging
+
+    configure_logging(settings, args.log_level, instance=args.instance_id or settings.monitor.instance_id)
     updates = {
         k: v
         for k, v in {

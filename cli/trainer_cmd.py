@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -84,11 +83,10 @@ def _err(msg: str) -> int:
     return 1
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+def _logging(level: str, settings: Settings) -> None:
+    from dlsr_monitor.cli.logs import configure_logging
+
+    configure_logging(settings, level)
 
 
 def _registry(settings: Settings) -> Any:
@@ -102,7 +100,7 @@ def _registry(settings: Settings) -> Any:
 
 # ---- trainer ----------------------------------------------------------------------------------------
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    _logging(args.log_level)
+    _logging(args.log_level, settings)
     import threading
 
     from dlsr_monitor.common.connections import install_signal_handlers
@@ -110,17 +108,24 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     stop = threading.Event()
     install_signal_handlers(stop)
-    service = build_service(settings, intake=True, progress=sys.stderr.isatty())
+    from dlsr_monitor.common.observability import serve
+
+    service = build_service(settings, intake=True, progress=sys.stderr.isatty(), wait=True)
+    service.health.set("redis", True)
+    service.metrics.ready.set(1)
+    server = serve(settings.metrics, service.metrics.registry, service.health)
     try:
         service.serve(stop, poll_s=settings.trainer.poll_s)
     finally:
+        if server is not None:
+            server.stop()
         if service.intake is not None:
             service.intake.close()
     return 0
 
 
 def _fit(args: argparse.Namespace, settings: Settings) -> int:
-    _logging(args.log_level)
+    _logging(args.log_level, settings)
     from pathlib import Path
 
     from dlsr_monitor.trainer.intake import ingest_path

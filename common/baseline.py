@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlsr.calibration import conformal_threshold
 from dlsr_monitor.common.redisdata import as_dict, as_float, as_int
 
 if TYPE_CHECKING:
@@ -57,6 +56,10 @@ class BaselineReservoir:
         scores = self.scores(version)
         if scores.size < self.min_for(alpha):
             return None
+        # Imported here: `dlsr`'s package import loads torch, which the console commands (dashboard, alerts,
+        # notify: they reach this module through console.views) never need.
+        from dlsr.calibration import conformal_threshold
+
         threshold = float(conformal_threshold(scores, alpha))
         self.redis.hset(
             self.keys.baseline_meta(version),

@@ -94,6 +94,22 @@ class Keys:
         """Integer: vetted images arrived since the last refit."""
         return self._k("vetted", "new")
 
+    # --- operator decisions (console/vet.py) ---------------------------------------------------------
+    def vet_decision(self, sha256: str) -> str:
+        """Hash: the decision on one image, by the sha256 of its bytes (decision accept|reject, by, at, note,
+        origin, image_id, source, alert_id): vetting the same image twice adds nothing."""
+        return self._k("vet", "d", sha256)
+
+    def vet_index(self) -> str:
+        """Sorted set: sha256 of every decided image, scored by decision time (`dlsr vet list`)."""
+        return self._k("vet", "index")
+
+    # --- notifier (console/notify.py) ------------------------------------------------------------
+    def notify_posted(self, webhook_id: str) -> str:
+        """Sorted set: alert ids already posted to one webhook (`webhook_id`, a hash of its URL), scored by
+        post time; entries older than `notify.dedupe_ttl_s` are trimmed and the key expires with them."""
+        return self._k("notify", "posted", webhook_id)
+
     def all_pattern(self) -> str:
         """Glob for every key under this prefix (tests use it to clean up)."""
         return f"{self.prefix}:*"

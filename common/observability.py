@@ -165,6 +165,23 @@ class TrainerMetrics:
             self.gates.labels(gate, "pass" if passed else "fail").inc()
 
 
+class NotifyMetrics:
+    """The notifier's metrics, read from its counters at scrape time (`stats()` -> {outcome: count})."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]], registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._stats = stats
+        self.registry.register(self)
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily("dlsr_notify_posts", "Webhook posts of alerts, by outcome", labels=["outcome"])
+        for outcome, n in self._stats().items():
+            fam.add_metric([outcome], n)
+        yield fam
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
         log.debug("metrics http: " + format, *args)

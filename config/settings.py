@@ -399,7 +399,14 @@ class NotifySettings(BaseModel):
     timeout_s: float = Field(10.0, gt=0, description="Longest wait for one webhook answer")
     max_attempts: int = Field(6, ge=1, description="Posts of one alert before it is dead-lettered")
     backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles up to backoff_max_s")
-    backoff_max_s: float = Field(60.0, gt=0, description="Longest delay between retries")
+    backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest delay between retries (a Retry-After is honoured up to this)"
+    )
+    dedupe_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="How long a posted alert id is remembered per webhook (a replay within it posts nothing twice)",
+    )
 
 
 # Keyword arguments each detector kind takes from `trainer.detector` (tests/config checks these against the

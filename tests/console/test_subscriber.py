@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dlsr_monitor.common.contract import DriftAlert, ModelAlert, OodAlert, WindowStats
+from dlsr_monitor.common.contract import SCHEMA_VERSION, DriftAlert, ModelAlert, OodAlert, WindowStats
 from dlsr_monitor.console.subscriber import (
     AlertFilter,
     decode_alert,
@@ -64,7 +64,7 @@ def test_kind_and_severity_filters():
 def test_json_lines_carry_severity_and_human_lines_are_single():
     alert = decode_alert(VALUES[1])
     data = json.loads(format_alert(alert, as_json=True))
-    assert data["severity"] == "critical" and data["state"] == "raised" and data["schema_version"] == 1
+    assert data["severity"] == "critical" and data["state"] == "raised" and data["schema_version"] == SCHEMA_VERSION
     line = format_alert(alert, as_json=False)
     assert "\n" not in line and "critical" in line and "cam-1" in line and "drift raised" in line
 
