@@ -211,7 +211,8 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     limit_heap_growth()
     import redis
 
-    from dlsr.detector import load_detector, resolve_device
+    from dlsr.artifacts import load_detector
+    from dlsr.devices import resolve_device
     from dlsr.images import decode_image
     from dlsr.readers import open_images
     from monitor.embedded import TansuBroker, ensure_redis

@@ -5,10 +5,11 @@ conformal calibration, metrics, artifacts and the named errors.
 """
 
 from dlsr.artifacts import artifact_digest, load_detector, save_detector
+from dlsr.base import BaseDetector, Prediction
 from dlsr.baselines import KNNDetector, MahalanobisDetector
 from dlsr.cache import FeatureCache
 from dlsr.calibration import conformal_threshold, p_values
-from dlsr.detector import SCORES, BaseDetector, DLSRDetector, Prediction
+from dlsr.detector import DLSRDetector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
 from dlsr.encoder import Encoder
 from dlsr.exceptions import (
@@ -23,6 +24,7 @@ from dlsr.images import ImageDecodeError, decode_image
 from dlsr.lfdn import LFDN
 from dlsr.metrics import aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics
 from dlsr.readers import ImageItem, array_images, open_images
+from dlsr.scores import SCORES
 
 __all__ = [
     "LFDN",

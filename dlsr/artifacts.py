@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from dlsr.exceptions import ArtifactError
 
 if TYPE_CHECKING:
-    from dlsr.detector import BaseDetector
+    from dlsr.base import BaseDetector
     from dlsr.encoder import Encoder
 
 FORMAT_VERSION = 1
@@ -106,7 +106,7 @@ def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | N
         path: target directory; its parent is created if needed.
         metrics: JSON-able validation metrics to record in the manifest.
     """
-    from dlsr.detector import BaseDetector
+    from dlsr.base import BaseDetector
 
     if not isinstance(detector, BaseDetector):
         raise TypeError(f"save_detector needs a detector; got {type(detector).__name__}")
@@ -277,7 +277,7 @@ def load_detector(
     if encoder is not None:
         _check_encoder(encoder, manifest, path)
     elif manifest.get("encoder") and rebuild_encoder:
-        from dlsr.detector import resolve_device  # "auto" -> a concrete device the encoder understands
+        from dlsr.devices import resolve_device  # "auto" -> a concrete device the encoder understands
 
         encoder = _rebuild_encoder(manifest["encoder"], resolve_device(device))
     cls = kinds[kind]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlsr.detector import BaseDetector, pad_rows
+from dlsr.base import BaseDetector, pad_rows
 
 if TYPE_CHECKING:
     from dlsr.encoder import Encoder

@@ -470,7 +470,7 @@ def _demo_settings(
             "batch_wait_ms": 100,
         }
     )
-    from dlsr.detector import resolve_device
+    from dlsr.devices import resolve_device
 
     model = settings.model.model_copy(
         update={

@@ -528,7 +528,7 @@ def run_monitor(settings: Any, stop: threading.Event | None = None, *, handle_si
     )
     sink = kafka_retry(lambda: KafkaSink(kafka))
 
-    from dlsr.detector import load_detector
+    from dlsr.artifacts import load_detector
 
     device = settings.model.device
     events: queue.Queue = queue.Queue()

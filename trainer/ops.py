@@ -32,7 +32,7 @@ class DlsrOps:
         self, model: Any, detector_kwargs: dict | None = None, refit_epochs: int | None = None
     ) -> None:
         from dlsr.cache import FeatureCache
-        from dlsr.detector import resolve_device
+        from dlsr.devices import resolve_device
         from dlsr.encoder import Encoder
 
         self.model = model
