@@ -1,7 +1,8 @@
 """The detector interface shared by DLSR and the baselines: build -> fit -> score -> calibrate -> predict -> save.
 
 Shaped like alibi-detect's detectors. `BaseDetector` holds everything that does not depend on the model (inputs,
-encoder, batching, conformal calibration, predictions); subclasses implement the model.
+encoder, batching, conformal calibration, predictions); subclasses implement the model. The registry maps each
+detector kind (the name in manifests and settings) to its class, like timm's `register_model`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -353,10 +354,10 @@ class BaseDetector:
         )
 
     def save(self, path: str | Path, *, metrics: dict | None = None) -> Path:
-        """Write the detector atomically to directory `path` (see dlsr.artifacts); returns the path."""
-        from dlsr.artifacts import save_detector
-
-        return save_detector(self, path, metrics=metrics)
+        """Write the detector atomically to directory `path` (`dlsr.artifacts.save_detector`); returns the path."""
+        if _saver is None:  # unreachable after `import dlsr`, whose __init__ imports dlsr.artifacts
+            raise RuntimeError("no artifact writer is registered: import dlsr.artifacts first")
+        return _saver(self, path, metrics=metrics)
 
     # -- subclass hooks ----------------------------------------------------------------------------------
 
@@ -376,3 +377,61 @@ class BaseDetector:
 
     def _load_state(self, tensors: dict[str, Tensor]) -> None:
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------------
+# registry
+#
+# The only mutable module state of dlsr: filled while the package is imported, read afterwards. Each detector
+# module files its classes with @register_detector; dlsr.artifacts registers the writer behind
+# `BaseDetector.save`, so that persistence depends on the detectors and never the reverse. Importing any dlsr
+# module runs dlsr/__init__, which imports dlsr.artifacts and with it every built-in detector.
+
+_D = TypeVar("_D", bound=BaseDetector)
+
+
+class Saver(Protocol):
+    """What writes a detector to a directory: `dlsr.artifacts.save_detector`."""
+
+    def __call__(self, detector: BaseDetector, path: str | Path, *, metrics: dict | None = None) -> Path: ...
+
+
+_DETECTORS: dict[str, type[BaseDetector]] = {}  # kind -> class
+_saver: Saver | None = None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_detector(cls: type[_D]) -> type[_D]:
+    """Class decorator: file a detector class under its own `kind`; returns the class unchanged."""
+    kind = cls.__dict__.get("kind") if isinstance(cls, type) else None
+    if not isinstance(kind, str) or not issubclass(cls, BaseDetector):
+        raise TypeError(f"{cls!r}: register a BaseDetector subclass that sets its own `kind`")
+    known = _DETECTORS.get(kind)
+    # The same class again (its module reloaded) replaces itself; another class may not take the kind.
+    if known is not None and _qualname(known) != _qualname(cls):
+        raise ValueError(f"detector kind {kind!r} is already taken by {_qualname(known)}")
+    _DETECTORS[kind] = cls
+    return cls
+
+
+def detector_kinds() -> tuple[str, ...]:
+    """The registered detector kinds, sorted."""
+    return tuple(sorted(_DETECTORS))
+
+
+def detector_class(kind: str) -> type[BaseDetector]:
+    """The class registered under `kind`; an unknown kind is a ValueError listing the known ones."""
+    try:
+        return _DETECTORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown detector kind {kind!r}; choose one of {list(detector_kinds())}") from None
+
+
+def register_saver(saver: Saver) -> Saver:
+    """Decorator: make `saver` the writer behind `BaseDetector.save` (dlsr.artifacts.save_detector)."""
+    global _saver
+    _saver = saver
+    return saver

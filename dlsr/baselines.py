@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlsr.base import BaseDetector, pad_rows
+from dlsr.base import BaseDetector, pad_rows, register_detector
 
 if TYPE_CHECKING:
     from dlsr.encoder import Encoder
 
 
+@register_detector
 class KNNDetector(BaseDetector):
     """Score = 1 - cosine similarity to the k-th nearest training feature (higher = more OOD).
 
@@ -124,6 +125,7 @@ def ledoit_wolf_shrinkage(xc: Tensor) -> float:
     return 0.0 if beta == 0 else beta / delta
 
 
+@register_detector
 class MahalanobisDetector(BaseDetector):
     """Squared Mahalanobis distance to one Gaussian fitted on all ID features (higher = more OOD).
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dlsr.base import BaseDetector, pad_rows
+from dlsr.base import BaseDetector, pad_rows, register_detector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
 from dlsr.exceptions import DLSRError, FeatureWidthError, NotFittedError
 from dlsr.lfdn import LFDN
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the encoder is only ever passed in; importing it here would
     from dlsr.encoder import Encoder
 
 
+@register_detector
 class DLSRDetector(BaseDetector):
     """Diffusion-based layer-wise semantic reconstruction (Yang et al., NeurIPS 2024).
 

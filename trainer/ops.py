@@ -69,11 +69,9 @@ class DlsrOps:
         return res.features
 
     def new_detector(self) -> Any:
-        from dlsr.baselines import KNNDetector, MahalanobisDetector
-        from dlsr.detector import DLSRDetector
+        from dlsr.base import detector_class
 
-        cls = {"dlsr": DLSRDetector, "mahalanobis": MahalanobisDetector, "knn": KNNDetector}[self.kind]
-        return cls(self.encoder, device=self.device, **self.kwargs)
+        return detector_class(self.kind)(self.encoder, device=self.device, **self.kwargs)
 
     def can_warm_start(self, old: Any) -> bool:
         # Only an LFDN continues training; a baseline refits from scratch in seconds.
@@ -102,11 +100,7 @@ class DlsrOps:
             if k in self.kwargs:
                 setattr(warm_from, k, self.kwargs[k])
         warm_from.progress = progress
-        model = getattr(warm_from, "model", None)
-        if model is not None and getattr(warm_from, "_raw", None) is None:
-            # A loaded detector's weights are frozen for scoring; training continues from a copy of them, which
-            # needs gradients (dlsr's warm start copies `model` when it has no raw weights of its own).
-            model.requires_grad_(True)
+        # A loaded detector warm-starts too: fit(warm_start=True) trains a copy of its frozen scoring weights.
         return warm_from.fit(features, progress=progress, warm_start=True, epochs=epochs)
 
     def load(self, path: Path) -> Any:
