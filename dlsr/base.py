@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, TypeVar
 
 import numpy as np
 import torch
@@ -65,15 +65,36 @@ def _is_pil(obj: Any) -> bool:
     return hasattr(obj, "getbands") and hasattr(obj, "size")
 
 
+class BaseOptions(TypedDict, total=False):
+    """The keyword options every detector takes besides its own hyperparameters (see `BaseDetector`).
+
+    Subclasses take them as `**base: Unpack[BaseOptions]` and pass them on, so they are spelled out once.
+    """
+
+    device: str | torch.device
+    boundaries: Sequence[int] | None
+    score_batch_size: int | None
+    encode_batch_size: int
+    progress: bool
+
+
 class BaseDetector:
     """Shared fit / score / calibrate / predict / save logic; subclasses implement the model.
 
     Subclasses set `kind` and implement `_fit_tensor`, `_score_tensor`, `hyperparameters`, `state_tensors` and
     `_load_state`. State: `dim`, `boundaries`, `encoder_identity`, `n_train`, `alpha`, `threshold`,
     `calibration_scores`: everything needed to save and restore the detector exactly.
+
+    Args:
+        encoder: frozen feature encoder (optional: features-only use).
+        device: "cpu", "cuda", "cuda:1" or "auto" (see `dlsr.devices.resolve_device`).
+        boundaries: cumulative layer offsets (0, ..., D) when fitting on features without an encoder.
+        score_batch_size: scoring batch (default: the class's `default_score_batch_size`).
+        encode_batch_size, progress: encoder batch and progress bars.
     """
 
     kind: ClassVar[str] = "base"
+    default_score_batch_size: ClassVar[int] = 1024
 
     def __init__(
         self,
@@ -81,10 +102,12 @@ class BaseDetector:
         *,
         device: str | torch.device = "cpu",
         boundaries: Sequence[int] | None = None,
-        score_batch_size: int = 1024,
+        score_batch_size: int | None = None,
         encode_batch_size: int = 64,
         progress: bool = True,
     ) -> None:
+        if score_batch_size is None:
+            score_batch_size = self.default_score_batch_size
         if score_batch_size < 1 or encode_batch_size < 1:
             raise ValueError(
                 f"batch sizes must be >= 1; got score_batch_size={score_batch_size}, "
@@ -368,8 +391,11 @@ class BaseDetector:
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, Any]:
-        """JSON-able constructor arguments (without encoder and device) that rebuild this detector."""
-        raise NotImplementedError
+        """JSON-able constructor arguments (without encoder, device, boundaries, progress) that rebuild this detector.
+
+        Here the saved base options; subclasses put their own hyperparameters in front of these.
+        """
+        return {"score_batch_size": self.score_batch_size, "encode_batch_size": self.encode_batch_size}
 
     def state_tensors(self) -> dict[str, Tensor]:
         """The fitted model as a flat dict of CPU tensors (saved with safetensors)."""

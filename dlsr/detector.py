@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Unpack
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dlsr.base import BaseDetector, pad_rows, register_detector
+from dlsr.base import BaseDetector, BaseOptions, pad_rows, register_detector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
 from dlsr.exceptions import DLSRError, FeatureWidthError, NotFittedError
 from dlsr.lfdn import LFDN
@@ -42,14 +42,13 @@ class DLSRDetector(BaseDetector):
         epochs, batch_size, lr, weight_decay, ema_decay, warmup_steps: training (paper: 150 epochs, batch 256,
             lr 1e-3 x batch/256, AdamW weight decay 0.02, cosine schedule, EMA of the weights).
         seed: seeds the initial weights, the training order and noise, and the scoring noise bank.
-        device: "cpu", "cuda", "cuda:1" or "auto"; on CUDA training runs under bf16 autocast.
         score_amp: also score under bf16 autocast on CUDA (faster, but no longer exactly batch-independent).
         train_amp: train under bf16 autocast (fp32 master weights); None = on CUDA only. On a CPU with
             AVX512-BF16 (e.g. this project's EPYC box) True roughly halves the training time.
         min_batch: tiny scoring batches are zero-padded to this many rows so BLAS uses the same kernel for
             every batch size (batch-size-independent float32 scores on CPU).
-        boundaries: cumulative layer offsets (0, ..., D) when fitting on features without an encoder.
-        score_batch_size, encode_batch_size, progress: batching and progress bars.
+        base: device, boundaries, batch sizes, progress (`BaseOptions`, see `BaseDetector`); on CUDA training
+            runs under bf16 autocast.
     """
 
     kind: ClassVar[str] = "dlsr"
@@ -77,23 +76,12 @@ class DLSRDetector(BaseDetector):
         ema_decay: float = 0.999,
         warmup_steps: int = 0,
         seed: int = 0,
-        device: str | torch.device = "cpu",
         score_amp: bool = False,
         train_amp: bool | None = None,
         min_batch: int = 16,
-        boundaries: Sequence[int] | None = None,
-        score_batch_size: int = 1024,
-        encode_batch_size: int = 64,
-        progress: bool = True,
+        **base: Unpack[BaseOptions],
     ) -> None:
-        super().__init__(
-            encoder,
-            device=device,
-            boundaries=boundaries,
-            score_batch_size=score_batch_size,
-            encode_batch_size=encode_batch_size,
-            progress=progress,
-        )
+        super().__init__(encoder, **base)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         if T < 1:
@@ -357,8 +345,7 @@ class DLSRDetector(BaseDetector):
             "score_amp": self.score_amp,
             "train_amp": self.train_amp,
             "min_batch": self.min_batch,
-            "score_batch_size": self.score_batch_size,
-            "encode_batch_size": self.encode_batch_size,
+            **super().hyperparameters(),
         }
 
     def state_tensors(self) -> dict[str, Tensor]:

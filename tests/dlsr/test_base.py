@@ -50,3 +50,22 @@ def test_registering_needs_an_own_kind_that_is_free(registered_toy: type[ToyDete
     with pytest.raises(ValueError, match="'toy' is already taken by tests.dlsr._synthetic.ToyDetector"):
         register_detector(Impostor)
     assert detector_class("toy") is ToyDetector
+
+
+@pytest.mark.parametrize(("kind", "score_batch"), [("dlsr", 1024), ("knn", 4096), ("mahalanobis", 4096)])
+def test_base_options_are_taken_once_with_each_kinds_defaults(kind: str, score_batch: int) -> None:
+    cls = detector_class(kind)
+    det = cls()
+    assert (det.score_batch_size, det.encode_batch_size, det.progress) == (score_batch, 64, True)
+    assert list(det.hyperparameters())[-2:] == ["score_batch_size", "encode_batch_size"]
+    det = cls(boundaries=(0, 8, 16), score_batch_size=7, encode_batch_size=3, progress=False)
+    assert (det.boundaries, det.score_batch_size, det.encode_batch_size, det.progress) == (
+        (0, 8, 16),
+        7,
+        3,
+        False,
+    )
+    with pytest.raises(ValueError, match="batch sizes must be >= 1"):
+        cls(score_batch_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        cls(colour="red")
