@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Unpack
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dlsr.base import BaseDetector, BaseOptions, pad_rows, register_detector
+from dlsr.base import BaseDetector, pad_rows, register_detector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
 from dlsr.exceptions import DLSRError, FeatureWidthError, NotFittedError
 from dlsr.lfdn import LFDN
@@ -26,12 +27,21 @@ if TYPE_CHECKING:  # the encoder is only ever passed in; importing it here would
     from dlsr.encoder import Encoder
 
 
-@register_detector
-class DLSRDetector(BaseDetector):
-    """Diffusion-based layer-wise semantic reconstruction (Yang et al., NeurIPS 2024).
+def _check_t(t: int, ddim_steps: int | None, T: int) -> None:
+    if not 1 <= int(t) <= T:
+        raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
+    if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
+        raise ValueError(f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}")
 
-    Args:
-        encoder: frozen feature encoder (optional: features-only use needs `boundaries` for MFsim).
+
+@dataclass(frozen=True)
+class DLSRConfig:
+    """Every hyperparameter of DLSR; the defaults are the paper's LFDN (docs/METHOD.md section 2).
+
+    Change one with `dataclasses.replace(DLSRConfig(), n_blocks=8)`. Invalid values are refused here; that the
+    score fits the layer layout is checked by the detector, which knows the layout.
+
+    Attributes:
         score: "mse", "mfsim5" (all layers, the paper) or "mfsim4" (layers 2..L, the official code).
         t: noise level in [1, T] for scoring (paper Fig. 4: 3..10 is best).
         ddim_steps: DDIM steps from t to 0 (default t, as the official code; 1 = one direct x0 prediction).
@@ -40,100 +50,182 @@ class DLSRDetector(BaseDetector):
         n_blocks, width, hidden, temb_dim, dropout: LFDN shape (paper: 16 blocks, W = W' = 2D).
         T, schedule: diffusion steps and beta schedule (paper: 100, "sqrt_linear").
         epochs, batch_size, lr, weight_decay, ema_decay, warmup_steps: training (paper: 150 epochs, batch 256,
-            lr 1e-3 x batch/256, AdamW weight decay 0.02, cosine schedule, EMA of the weights).
+            lr 1e-3 x batch/256 (lr=None), AdamW weight decay 0.02, cosine schedule, EMA of the weights).
         seed: seeds the initial weights, the training order and noise, and the scoring noise bank.
         score_amp: also score under bf16 autocast on CUDA (faster, but no longer exactly batch-independent).
         train_amp: train under bf16 autocast (fp32 master weights); None = on CUDA only. On a CPU with
             AVX512-BF16 (e.g. this project's EPYC box) True roughly halves the training time.
         min_batch: tiny scoring batches are zero-padded to this many rows so BLAS uses the same kernel for
             every batch size (batch-size-independent float32 scores on CPU).
-        base: device, boundaries, batch sizes, progress (`BaseOptions`, see `BaseDetector`); on CUDA training
-            runs under bf16 autocast.
+    """
+
+    score: str = "mfsim5"
+    t: int = 5
+    ddim_steps: int | None = None
+    eta: float = 1.0
+    n_draws: int = 1
+    n_blocks: int = 16
+    width: int | None = None
+    hidden: int | None = None
+    temb_dim: int | None = None
+    dropout: float = 0.0
+    T: int = 100
+    schedule: str = "sqrt_linear"
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float = 0.02
+    ema_decay: float = 0.999
+    warmup_steps: int = 0
+    seed: int = 0
+    score_amp: bool = False
+    train_amp: bool | None = None
+    min_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}")
+        if self.T < 1:
+            raise ValueError(f"T must be >= 1; got {self.T}")
+        _check_t(self.t, self.ddim_steps, self.T)
+        if self.n_draws < 1:
+            raise ValueError(f"n_draws must be >= 1; got {self.n_draws}")
+        if not self.eta >= 0.0:
+            raise ValueError(
+                f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {self.eta}"
+            )
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(
+                f"need epochs >= 0 and batch_size >= 1; got epochs={self.epochs}, batch_size={self.batch_size}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        check_score_name(self.score)
+        if self.min_batch < 1:
+            raise ValueError(f"min_batch must be >= 1; got {self.min_batch}")
+
+    def resolved(self) -> DLSRConfig:
+        """The config a detector keeps (and saves): numbers in their canonical types, lr=None made explicit."""
+        return replace(
+            self,
+            t=int(self.t),
+            ddim_steps=None if self.ddim_steps is None else int(self.ddim_steps),
+            eta=float(self.eta),
+            n_draws=int(self.n_draws),
+            n_blocks=int(self.n_blocks),
+            dropout=float(self.dropout),
+            T=int(self.T),
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            lr=float(self.lr) if self.lr is not None else 1e-3 * self.batch_size / 256,
+            weight_decay=float(self.weight_decay),
+            ema_decay=float(self.ema_decay),
+            warmup_steps=int(self.warmup_steps),
+            seed=int(self.seed),
+            score_amp=bool(self.score_amp),
+            min_batch=int(self.min_batch),
+        )
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(DLSRConfig))
+
+
+class _ConfigField:
+    """A DLSRConfig field as a detector attribute (the API before DLSRConfig): reads `detector.config`, and
+    assigning it replaces the config (validated)."""
+
+    def __init__(self, field: str = "") -> None:
+        self.field = field  # "" = the attribute's own name (set by __set_name__)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = self.field or name
+
+    def __get__(self, det: DLSRDetector | None, owner: type | None = None) -> Any:
+        return self if det is None else getattr(det.config, self.field)
+
+    def __set__(self, det: DLSRDetector, value: Any) -> None:
+        det.config = replace(det.config, **{self.field: value})
+
+
+@register_detector
+class DLSRDetector(BaseDetector):
+    """Diffusion-based layer-wise semantic reconstruction (Yang et al., NeurIPS 2024).
+
+    `DLSRDetector(config=DLSRConfig(n_blocks=8))` and `DLSRDetector(n_blocks=8)` build the same detector.
+
+    Args:
+        encoder: frozen feature encoder (optional: features-only use needs `boundaries` for MFsim).
+        config: the hyperparameters (default `DLSRConfig()`, the paper's).
+        options: DLSRConfig fields, which replace those of `config`, and the base options (device, boundaries,
+            batch sizes, progress: `BaseOptions`, see `BaseDetector`). On CUDA training runs under bf16 autocast.
     """
 
     kind: ClassVar[str] = "dlsr"
 
+    # The hyperparameters as attributes, as before DLSRConfig; `score_name` because `score` is the scoring method.
+    score_name = _ConfigField("score")
+    t = _ConfigField()
+    ddim_steps = _ConfigField()
+    eta = _ConfigField()
+    n_draws = _ConfigField()
+    n_blocks = _ConfigField()
+    width = _ConfigField()
+    hidden = _ConfigField()
+    temb_dim = _ConfigField()
+    dropout = _ConfigField()
+    T = _ConfigField()
+    schedule = _ConfigField()
+    epochs = _ConfigField()
+    batch_size = _ConfigField()
+    lr = _ConfigField()
+    weight_decay = _ConfigField()
+    ema_decay = _ConfigField()
+    warmup_steps = _ConfigField()
+    seed = _ConfigField()
+    score_amp = _ConfigField()
+    train_amp = _ConfigField()
+    min_batch = _ConfigField()
+
     def __init__(
-        self,
-        encoder: Encoder | None = None,
-        *,
-        score: str = "mfsim5",
-        t: int = 5,
-        ddim_steps: int | None = None,
-        eta: float = 1.0,
-        n_draws: int = 1,
-        n_blocks: int = 16,
-        width: int | None = None,
-        hidden: int | None = None,
-        temb_dim: int | None = None,
-        dropout: float = 0.0,
-        T: int = 100,
-        schedule: str = "sqrt_linear",
-        epochs: int = 150,
-        batch_size: int = 256,
-        lr: float | None = None,
-        weight_decay: float = 0.02,
-        ema_decay: float = 0.999,
-        warmup_steps: int = 0,
-        seed: int = 0,
-        score_amp: bool = False,
-        train_amp: bool | None = None,
-        min_batch: int = 16,
-        **base: Unpack[BaseOptions],
+        self, encoder: Encoder | None = None, *, config: DLSRConfig | None = None, **options: Any
     ) -> None:
-        super().__init__(encoder, **base)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        if T < 1:
-            raise ValueError(f"T must be >= 1; got {T}")
-        self._check_t(t, ddim_steps, T)
-        if n_draws < 1:
-            raise ValueError(f"n_draws must be >= 1; got {n_draws}")
-        if not eta >= 0.0:
-            raise ValueError(
-                f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {eta}"
-            )
-        if epochs < 0 or batch_size < 1:
-            raise ValueError(
-                f"need epochs >= 0 and batch_size >= 1; got epochs={epochs}, batch_size={batch_size}"
-            )
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
-        self.score_name = check_score_name(score, self.boundaries)
-        self.t, self.ddim_steps = int(t), (int(ddim_steps) if ddim_steps is not None else None)
-        self.eta, self.n_draws = float(eta), int(n_draws)
-        self.n_blocks, self.width, self.hidden, self.temb_dim = int(n_blocks), width, hidden, temb_dim
-        self.dropout, self.T, self.schedule = float(dropout), int(T), schedule
-        self.epochs, self.batch_size = int(epochs), int(batch_size)
-        self.lr = float(lr) if lr is not None else 1e-3 * batch_size / 256
-        self.weight_decay, self.ema_decay = float(weight_decay), float(ema_decay)
-        self.warmup_steps, self.seed, self.score_amp = int(warmup_steps), int(seed), bool(score_amp)
-        self.train_amp = train_amp
-        if min_batch < 1:
-            raise ValueError(f"min_batch must be >= 1; got {min_batch}")
-        self.min_batch = int(min_batch)
-        self.diffusion = GaussianDiffusion(self.T, self.schedule).to(self.device)
+        hyper = {name: options.pop(name) for name in _CONFIG_FIELDS & options.keys()}
+        super().__init__(encoder, **options)  # the rest are base options (a wrong name is a TypeError there)
+        self._config = self._checked(replace(config or DLSRConfig(), **hyper))
+        self.diffusion = GaussianDiffusion(self._config.T, self._config.schedule).to(self.device)
         self.model: LFDN | None = None  # the EMA weights: what scores (and what is saved)
         self._raw: LFDN | None = None  # the trained weights, kept for warm starts in this process
         self.history: list[float] = []  # mean training loss per epoch
 
-    @staticmethod
-    def _check_t(t: int, ddim_steps: int | None, T: int) -> None:
-        if not 1 <= int(t) <= T:
-            raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
-        if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
-            raise ValueError(
-                f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}"
-            )
+    @property
+    def config(self) -> DLSRConfig:
+        """The hyperparameters in force (lr resolved).
+
+        Assign a new config between fits to change training settings, e.g. `replace(det.config, epochs=5)`; the
+        LFDN shape fields (n_blocks, width, hidden, temb_dim) must stay those of a fitted model.
+        """
+        return self._config
+
+    @config.setter
+    def config(self, config: DLSRConfig) -> None:
+        config = self._checked(config)
+        if (config.T, config.schedule) != (self._config.T, self._config.schedule):
+            self.diffusion = GaussianDiffusion(config.T, config.schedule).to(self.device)
+        self._config = config
+
+    def _checked(self, config: DLSRConfig) -> DLSRConfig:
+        check_score_name(config.score, self.boundaries)  # mfsim4 needs at least 2 layers
+        return config.resolved()
 
     @property
     def is_fitted(self) -> bool:
         return self.model is not None
 
     def _build(self, dim: int) -> LFDN:
-        return LFDN(dim, self.width, self.hidden, self.n_blocks, self.temb_dim, self.dropout)
+        c = self.config
+        return LFDN(dim, c.width, c.hidden, c.n_blocks, c.temb_dim, c.dropout)
 
     # -- training ----------------------------------------------------------------------------------------
 
@@ -153,9 +245,10 @@ class DLSRDetector(BaseDetector):
             warm_start: continue from the current weights (the trainer's refit) instead of a fresh init.
             epochs, lr: overrides for this call (e.g. a shorter, gentler warm-started refit).
         """
+        cfg = self.config
         n, d = int(x.shape[0]), int(x.shape[1])
-        epochs = self.epochs if epochs is None else int(epochs)
-        lr = self.lr if lr is None else float(lr)
+        epochs = cfg.epochs if epochs is None else int(epochs)
+        lr = cfg.lr if lr is None else float(lr)
         if warm_start and self.model is not None:
             if self.dim != d:
                 raise FeatureWidthError(
@@ -166,7 +259,7 @@ class DLSRDetector(BaseDetector):
         else:
             # Seeded init without touching the caller's global RNG.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+                torch.manual_seed(cfg.seed)
                 raw = self._build(d)
             ema = copy.deepcopy(raw)
         # A loaded (or scoring) model has its gradients switched off: the trained copy needs them back.
@@ -174,10 +267,10 @@ class DLSRDetector(BaseDetector):
         ema = ema.to(self.device).eval().requires_grad_(False)
         params = [p for p in raw.parameters()]
         ema_params = [p for p in ema.parameters()]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay, foreach=True)
-        steps_per_epoch = math.ceil(n / self.batch_size)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = max(1, epochs * steps_per_epoch)
-        warmup = self.warmup_steps
+        warmup = cfg.warmup_steps
 
         def lr_factor(step: int) -> float:
             # Linear warm-up (optional), then cosine decay to 0 over the run (the paper's cosine schedule).
@@ -186,9 +279,9 @@ class DLSRDetector(BaseDetector):
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        gen_cpu = torch.Generator().manual_seed(self.seed + 1)
-        gen_dev = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-        amp = self.device.type == "cuda" if self.train_amp is None else bool(self.train_amp)
+        gen_cpu = torch.Generator().manual_seed(cfg.seed + 1)
+        gen_dev = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        amp = self.device.type == "cuda" if cfg.train_amp is None else bool(cfg.train_amp)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -200,14 +293,14 @@ class DLSRDetector(BaseDetector):
             # Dropout draws from the global RNG: fork it so training is reproducible and leaves callers alone.
             devices = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed + 3)
+                torch.manual_seed(cfg.seed + 3)
                 for epoch in range(epochs):
                     perm = torch.randperm(n, generator=gen_cpu).to(self.device)
                     loss_sum = torch.zeros((), device=self.device)
-                    for i in range(0, n, self.batch_size):
-                        xb = x.index_select(0, perm[i : i + self.batch_size])
+                    for i in range(0, n, cfg.batch_size):
+                        xb = x.index_select(0, perm[i : i + cfg.batch_size])
                         b = xb.shape[0]
-                        k = torch.randint(0, self.T, (b,), generator=gen_dev, device=self.device)
+                        k = torch.randint(0, cfg.T, (b,), generator=gen_dev, device=self.device)
                         noise = torch.randn(xb.shape, generator=gen_dev, device=self.device)
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                             loss = self.diffusion.loss(raw, xb, k, noise)
@@ -217,7 +310,7 @@ class DLSRDetector(BaseDetector):
                         sched.step()
                         # EMA with a warm-up (decay (1+s)/(10+s) early on) so short runs are not dominated by
                         # the random initial weights.
-                        decay = min(self.ema_decay, (1.0 + step) / (10.0 + step))
+                        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
                         with torch.no_grad():
                             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
                         loss_sum += loss.detach() * b
@@ -248,17 +341,18 @@ class DLSRDetector(BaseDetector):
         """
         if self.dim is None:
             raise NotFittedError("the noise bank needs the feature width: call fit() first")
-        k = self.n_draws if n_draws is None else int(n_draws)
-        need = self.diffusion.n_noise(t, ddim_steps, self.eta)
-        gen = torch.Generator().manual_seed(self.seed + 7919 * t + 104_729 * ddim_steps)
+        k = self.config.n_draws if n_draws is None else int(n_draws)
+        need = self.diffusion.n_noise(t, ddim_steps, self.config.eta)
+        gen = torch.Generator().manual_seed(self.config.seed + 7919 * t + 104_729 * ddim_steps)
         bank = torch.randn((k, need, self.dim), generator=gen, dtype=torch.float32)
         return bank.to(self.device)
 
     def _settings(self, t: int | None, ddim_steps: int | None) -> tuple[int, int]:
-        t = self.t if t is None else int(t)
-        steps = ddim_steps if ddim_steps is not None else (self.ddim_steps if t == self.t else None)
+        cfg = self.config
+        t = cfg.t if t is None else int(t)
+        steps = ddim_steps if ddim_steps is not None else (cfg.ddim_steps if t == cfg.t else None)
         steps = t if steps is None else min(int(steps), t)
-        self._check_t(t, steps, self.T)
+        _check_t(t, steps, cfg.T)
         return t, steps
 
     @torch.no_grad()
@@ -269,20 +363,20 @@ class DLSRDetector(BaseDetector):
         self._require_fitted()
         assert self.model is not None
         t, steps = self._settings(t, ddim_steps)
-        bank = self.noise_bank(t, steps, n_draws=max(self.n_draws, draw + 1))[draw]
+        cfg = self.config
+        bank = self.noise_bank(t, steps, n_draws=max(cfg.n_draws, draw + 1))[draw]
         n = z0.shape[0]
-        z0 = pad_rows(z0, self.min_batch)  # batch-size-independent rounding (see pad_rows)
-        amp = self.device.type == "cuda" and self.score_amp
+        z0 = pad_rows(z0, cfg.min_batch)  # batch-size-independent rounding (see pad_rows)
+        amp = self.device.type == "cuda" and cfg.score_amp
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            return self.diffusion.reconstruct(self.model, z0, t, steps, self.eta, bank).float()[:n]
+            return self.diffusion.reconstruct(self.model, z0, t, steps, cfg.eta, bank).float()[:n]
 
     @torch.no_grad()
     def _score_tensor(
         self, x: Tensor, *, score: str | None = None, t: int | None = None, ddim_steps: int | None = None
     ) -> Tensor:
-        return self._score_many(x, (score or self.score_name,), t=t, ddim_steps=ddim_steps)[
-            score or self.score_name
-        ]
+        name = score or self.config.score
+        return self._score_many(x, (name,), t=t, ddim_steps=ddim_steps)[name]
 
     @torch.no_grad()
     def _score_many(
@@ -292,11 +386,12 @@ class DLSRDetector(BaseDetector):
         for name in names:
             check_score_name(name, self.boundaries)
         out = {name: torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for name in names}
-        for draw in range(self.n_draws):
+        n_draws = self.config.n_draws
+        for draw in range(n_draws):
             rec = self.reconstruct(x, t=t, ddim_steps=ddim_steps, draw=draw)
             for name in names:
                 out[name] += SCORES[name](x, rec, self.boundaries)
-        return {name: v / self.n_draws for name, v in out.items()}
+        return {name: v / n_draws for name, v in out.items()}
 
     def score_all(
         self,
@@ -322,31 +417,7 @@ class DLSRDetector(BaseDetector):
     # -- persistence -------------------------------------------------------------------------------------
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "score": self.score_name,
-            "t": self.t,
-            "ddim_steps": self.ddim_steps,
-            "eta": self.eta,
-            "n_draws": self.n_draws,
-            "n_blocks": self.n_blocks,
-            "width": self.width,
-            "hidden": self.hidden,
-            "temb_dim": self.temb_dim,
-            "dropout": self.dropout,
-            "T": self.T,
-            "schedule": self.schedule,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "ema_decay": self.ema_decay,
-            "warmup_steps": self.warmup_steps,
-            "seed": self.seed,
-            "score_amp": self.score_amp,
-            "train_amp": self.train_amp,
-            "min_batch": self.min_batch,
-            **super().hyperparameters(),
-        }
+        return {**asdict(self.config), **super().hyperparameters()}
 
     def state_tensors(self) -> dict[str, Tensor]:
         self._require_fitted()

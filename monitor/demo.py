@@ -356,7 +356,7 @@ def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: 
     import numpy as np
 
     from dlsr.cache import FeatureCache
-    from dlsr.detector import DLSRDetector
+    from dlsr.detector import DLSRConfig, DLSRDetector
     from dlsr.encoder import Encoder
     from dlsr.readers import open_images
 
@@ -374,16 +374,8 @@ def fit_quick_model(settings: Any, opts: DemoOptions, data: DemoData, registry: 
     n_cal = max(200, len(feats) // 4)
     fit_x, cal_x = feats[order[n_cal:]], feats[order[:n_cal]]
     console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {opts.alpha})")
-    detector = DLSRDetector(
-        encoder,
-        score=m.score,
-        n_blocks=opts.blocks,
-        width=opts.width,
-        epochs=opts.epochs,
-        batch_size=128,
-        device=device,
-        boundaries=encoder.boundaries,
-    )
+    config = DLSRConfig(score=m.score, n_blocks=opts.blocks, width=opts.width, epochs=opts.epochs, batch_size=128)
+    detector = DLSRDetector(encoder, config=config, device=device, boundaries=encoder.boundaries)
     detector.fit(fit_x, progress=True)
     detector.calibrate(cal_x, alpha=opts.alpha)
     with tempfile.TemporaryDirectory(prefix="dlsr-demo-model-") as tmp:

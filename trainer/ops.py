@@ -7,6 +7,7 @@ The detector is DLSR by default; `ModelSettings.detector` can choose a baseline 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,8 @@ class DlsrOps:
             return det.fit(features, progress=progress)
         epochs = self.refit_epochs or max(1, int(getattr(warm_from, "epochs", 5)) // 5)
         # Training settings (lr, batch, EMA) come from the current configuration, the weights from the live model.
-        for k in ("batch_size", "lr", "weight_decay", "ema_decay", "warmup_steps", "epochs"):
-            if k in self.kwargs:
-                setattr(warm_from, k, self.kwargs[k])
+        training = ("batch_size", "lr", "weight_decay", "ema_decay", "warmup_steps", "epochs")
+        warm_from.config = replace(warm_from.config, **{k: self.kwargs[k] for k in training if k in self.kwargs})
         warm_from.progress = progress
         # A loaded detector warm-starts too: fit(warm_start=True) trains a copy of its frozen scoring weights.
         return warm_from.fit(features, progress=progress, warm_start=True, epochs=epochs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dlsr.detector import DLSRDetector
+from dlsr.detector import DLSRConfig, DLSRDetector
 from dlsr.exceptions import CalibrationWarning, FeatureWidthError, NotCalibratedError, NotFittedError
 from dlsr.metrics import auroc
 from dlsr.readers import ImageItem
@@ -243,3 +244,68 @@ def test_bf16_training_on_cpu_learns(data) -> None:
     assert det.history[-1] < det.history[0]
     assert next(det.model.parameters()).dtype == torch.float32  # fp32 master weights; scoring stays fp32
     assert np.all(np.isfinite(det.score(data[1][:10])))
+
+
+# The paper's LFDN and scorer (docs/METHOD.md section 2): what DLSRDetector() saves; a change here changes manifests.
+PAPER_HYPERPARAMETERS = {
+    "score": "mfsim5", "t": 5, "ddim_steps": None, "eta": 1.0, "n_draws": 1, "n_blocks": 16, "width": None,
+    "hidden": None, "temb_dim": None, "dropout": 0.0, "T": 100, "schedule": "sqrt_linear", "epochs": 150,
+    "batch_size": 256, "lr": 0.001, "weight_decay": 0.02, "ema_decay": 0.999, "warmup_steps": 0, "seed": 0,
+    "score_amp": False, "train_amp": None, "min_batch": 16, "score_batch_size": 1024, "encode_batch_size": 64,
+}  # fmt: skip
+
+
+def test_config_defaults_are_the_papers_and_hyperparameters_are_the_config() -> None:
+    det = DLSRDetector()
+    assert det.hyperparameters() == PAPER_HYPERPARAMETERS
+    assert list(det.hyperparameters()) == list(PAPER_HYPERPARAMETERS)  # the order too
+    assert dataclasses.asdict(det.config) == {
+        k: v for k, v in det.hyperparameters().items() if k not in ("score_batch_size", "encode_batch_size")
+    }
+    assert DLSRConfig().lr is None and det.config == DLSRConfig(lr=0.001)  # lr=None: 1e-3 x batch / 256
+    assert DLSRDetector(batch_size=512).config.lr == 0.002
+
+
+def test_keyword_and_config_forms_build_the_same_detector(data) -> None:
+    by_kwargs = DLSRDetector(t=4, seed=2, **{**TINY, "epochs": 1})
+    config = DLSRConfig(t=4, seed=2, n_blocks=2, width=64, epochs=1, batch_size=128)
+    by_config = DLSRDetector(config=config, boundaries=BOUNDARIES, progress=False)
+    assert by_kwargs.config == by_config.config == config.resolved()
+    assert by_kwargs.hyperparameters() == by_config.hyperparameters()
+    a, b = by_kwargs.fit(data[0][:200]), by_config.fit(data[0][:200])
+    np.testing.assert_array_equal(a.score(data[1][:20]), b.score(data[1][:20]))
+    # Keywords replace the config's fields; numbers are kept in their canonical types.
+    both = DLSRDetector(config=config, n_blocks=3, eta=1, t=3.0)
+    assert (both.config.n_blocks, both.config.t, both.config.width) == (3, 3, 64)
+    assert type(both.config.eta) is float and type(both.config.t) is int
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_block'"):
+        DLSRDetector(n_block=3)
+
+
+def test_config_is_frozen_validated_and_replaced() -> None:
+    config = dataclasses.replace(DLSRConfig(), n_blocks=8, epochs=20)
+    assert (config.n_blocks, config.epochs, config.t) == (8, 20, 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.t = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="t must be in"):
+        dataclasses.replace(config, t=101)
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        DLSRConfig(schedule="foo")
+    with pytest.raises(ValueError, match="min_batch must be >= 1"):
+        DLSRConfig(min_batch=0)
+
+
+def test_hyperparameter_attributes_read_and_replace_the_config() -> None:
+    det = DLSRDetector(n_blocks=3, score="mse")
+    assert (det.n_blocks, det.score_name, det.lr, det.T) == (3, "mse", 0.001, 100)
+    for f in dataclasses.fields(DLSRConfig):  # every field, under its own name (score: score_name)
+        assert getattr(det, "score_name" if f.name == "score" else f.name) == getattr(det.config, f.name)
+    det.epochs = 7  # the attribute form (e.g. the trainer's refit settings) replaces the config
+    assert det.config.epochs == 7 and det.hyperparameters()["epochs"] == 7
+    det.config = dataclasses.replace(det.config, T=50, t=2)
+    assert (det.T, det.t, det.diffusion.T) == (50, 2, 50)  # the diffusion follows T and the schedule
+    with pytest.raises(ValueError, match="t must be in"):
+        det.t = 0
+    with pytest.raises(ValueError, match="needs at least 2 layers"):
+        DLSRDetector(boundaries=(0, 64)).score_name = "mfsim4"
+    assert det.t == 2
