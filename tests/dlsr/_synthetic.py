@@ -12,6 +12,15 @@ from dlsr.base import BaseDetector
 
 D = 64
 BOUNDARIES = (0, 8, 16, 24, 40, 64)
+# A tiny, quick DLSR detector on these features.
+TINY = {
+    "n_blocks": 2,
+    "width": 64,
+    "epochs": 12,
+    "batch_size": 128,
+    "progress": False,
+    "boundaries": BOUNDARIES,
+}
 
 
 def clusters(n_id: int = 1200, n_ood: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
