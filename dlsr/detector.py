@@ -1,4 +1,4 @@
-"""DLSR, the method of the paper (METHOD.md sections 2-4), behind the `BaseDetector` interface of `dlsr.base`.
+"""DLSR, the method of the paper (docs/METHOD.md sections 2-4), behind the `BaseDetector` interface.
 
 An LFDN is trained to denoise the encoder's multi-layer features; an image is scored by how badly its features
 are reconstructed (see `dlsr.scores`). The baselines in `dlsr.baselines` share the interface, so everything

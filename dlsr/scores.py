@@ -1,4 +1,4 @@
-"""Reconstruction scores of DLSR (docs/METHOD.md section 3): features vs their reconstruction, higher = more OOD.
+"""Reconstruction scores of DLSR (docs/METHOD.md section 3): features vs reconstruction, higher = more OOD.
 
 Each score takes (z0, rec, boundaries): (N, D) features, their (N, D) reconstruction and the cumulative layer
 offsets (0, b1, ..., D), and returns (N,) float64 scores.
