@@ -214,7 +214,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     limit_heap_growth()
     import redis
 
-    from dlsr.detector import load_detector, resolve_device
+    from dlsr.artifacts import load_detector
+    from dlsr.devices import resolve_device
     from dlsr.images import decode_image
     from dlsr.readers import open_images
     from dlsr_monitor.common.kafka_io import ensure_topics

@@ -360,7 +360,7 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
     import numpy as np
 
     from dlsr.cache import FeatureCache
-    from dlsr.detector import DLSRDetector
+    from dlsr.detector import DLSRConfig, DLSRDetector
     from dlsr.encoder import Encoder
     from dlsr.readers import open_images
 
@@ -378,16 +378,8 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
     n_cal = max(200, len(feats) // 4)
     fit_x, cal_x = feats[order[n_cal:]], feats[order[:n_cal]]
     console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {opts.alpha})")
-    detector = DLSRDetector(
-        encoder,
-        score=m.score,
-        n_blocks=opts.blocks,
-        width=opts.width,
-        epochs=opts.epochs,
-        batch_size=128,
-        device=device,
-        boundaries=encoder.boundaries,
-    )
+    config = DLSRConfig(score=m.score, n_blocks=opts.blocks, width=opts.width, epochs=opts.epochs, batch_size=128)
+    detector = DLSRDetector(encoder, config=config, device=device, boundaries=encoder.boundaries)
     detector.fit(fit_x, progress=True)
     detector.calibrate(cal_x, alpha=opts.alpha)
     with tempfile.TemporaryDirectory(prefix="dlsr-demo-model-") as tmp:
@@ -474,7 +466,7 @@ def _demo_settings(
             "batch_wait_ms": 100,
         }
     )
-    from dlsr.detector import resolve_device
+    from dlsr.devices import resolve_device
 
     model = settings.model.model_copy(
         update={

@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+import dlsr.baselines  # noqa: F401 - importing the detector modules registers their kinds
+import dlsr.detector  # noqa: F401
+from dlsr.base import BaseDetector, detector_class, detector_kinds, register_saver
+from dlsr.devices import resolve_device
 from dlsr.exceptions import ArtifactError
 
 if TYPE_CHECKING:
-    from dlsr.detector import BaseDetector
     from dlsr.encoder import Encoder
 
 FORMAT_VERSION = 1
@@ -64,13 +67,6 @@ def artifact_digest(path: str | Path) -> str:
     return file_sha256(manifest)
 
 
-def _registry() -> dict[str, type[BaseDetector]]:
-    from dlsr.baselines import KNNDetector, MahalanobisDetector
-    from dlsr.detector import DLSRDetector
-
-    return {cls.kind: cls for cls in (DLSRDetector, KNNDetector, MahalanobisDetector)}
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -98,6 +94,7 @@ def _parse_float(x: float | str) -> float:
     return float(x)
 
 
+@register_saver
 def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | None = None) -> Path:
     """Write `detector` to directory `path` atomically, replacing an existing one; returns the path.
 
@@ -106,8 +103,6 @@ def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | N
         path: target directory; its parent is created if needed.
         metrics: JSON-able validation metrics to record in the manifest.
     """
-    from dlsr.detector import BaseDetector
-
     if not isinstance(detector, BaseDetector):
         raise TypeError(f"save_detector needs a detector; got {type(detector).__name__}")
     tensors = detector.state_tensors()  # raises NotFittedError when not fitted
@@ -265,10 +260,11 @@ def load_detector(
     """
     path = Path(path)
     manifest = read_manifest(path)
-    kinds = _registry()
     kind = manifest.get("kind")
-    if kind not in kinds:
-        raise ArtifactError(f"{path}: unknown detector kind {kind!r}; this dlsr knows {sorted(kinds)}")
+    if kind not in detector_kinds():
+        raise ArtifactError(
+            f"{path}: unknown detector kind {kind!r}; this dlsr knows {list(detector_kinds())}"
+        )
     try:
         tensors = load_file(str(path / WEIGHTS), device="cpu")
     except Exception as exc:  # noqa: BLE001 - any parse failure is a broken artifact
@@ -277,10 +273,9 @@ def load_detector(
     if encoder is not None:
         _check_encoder(encoder, manifest, path)
     elif manifest.get("encoder") and rebuild_encoder:
-        from dlsr.detector import resolve_device  # "auto" -> a concrete device the encoder understands
-
+        # "auto" -> a concrete device the encoder understands
         encoder = _rebuild_encoder(manifest["encoder"], resolve_device(device))
-    cls = kinds[kind]
+    cls = detector_class(kind)
     hyper = dict(manifest.get("hyperparameters") or {})
     boundaries = layout.get("boundaries") or None
     try:

@@ -1,4 +1,4 @@
-"""Baselines on the same frozen features, behind the same Detector interface (METHOD.md section 5).
+"""Baselines on the same frozen features, behind the same Detector interface (docs/METHOD.md section 5).
 
 - `KNNDetector`: unsupervised kNN (Sun et al. 2022): cosine distance to the k-th nearest training feature,
   all features L2-normalised.
@@ -8,19 +8,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Unpack
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlsr.detector import BaseDetector, pad_rows
+from dlsr.base import BaseDetector, BaseOptions, pad_rows, register_detector
 
 if TYPE_CHECKING:
     from dlsr.encoder import Encoder
 
 
+@register_detector
 class KNNDetector(BaseDetector):
     """Score = 1 - cosine similarity to the k-th nearest training feature (higher = more OOD).
 
@@ -29,9 +29,11 @@ class KNNDetector(BaseDetector):
         chunk_size: rows per block of the similarity matmul, so e.g. 10k queries x 50k bank never materialise
             a full similarity matrix (memory ~ chunk_size x bank_chunk x 4 bytes).
         min_batch: tiny query batches are zero-padded to this many rows (batch-size-independent scores).
+        base: device, boundaries, batch sizes, progress (`BaseOptions`, see `BaseDetector`).
     """
 
     kind: ClassVar[str] = "knn"
+    default_score_batch_size: ClassVar[int] = 4096
 
     def __init__(
         self,
@@ -40,20 +42,9 @@ class KNNDetector(BaseDetector):
         k: int = 50,
         chunk_size: int = 4096,
         min_batch: int = 16,
-        device: str | torch.device = "cpu",
-        boundaries: Sequence[int] | None = None,
-        score_batch_size: int = 4096,
-        encode_batch_size: int = 64,
-        progress: bool = True,
+        **base: Unpack[BaseOptions],
     ) -> None:
-        super().__init__(
-            encoder,
-            device=device,
-            boundaries=boundaries,
-            score_batch_size=score_batch_size,
-            encode_batch_size=encode_batch_size,
-            progress=progress,
-        )
+        super().__init__(encoder, **base)
         if k < 1 or chunk_size < 1:
             raise ValueError(f"k and chunk_size must be >= 1; got k={k}, chunk_size={chunk_size}")
         self.k, self.chunk_size, self.min_batch = int(k), int(chunk_size), max(1, int(min_batch))
@@ -93,8 +84,7 @@ class KNNDetector(BaseDetector):
             "k": self.k,
             "chunk_size": self.chunk_size,
             "min_batch": self.min_batch,
-            "score_batch_size": self.score_batch_size,
-            "encode_batch_size": self.encode_batch_size,
+            **super().hyperparameters(),
         }
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -124,35 +114,27 @@ def ledoit_wolf_shrinkage(xc: Tensor) -> float:
     return 0.0 if beta == 0 else beta / delta
 
 
+@register_detector
 class MahalanobisDetector(BaseDetector):
     """Squared Mahalanobis distance to one Gaussian fitted on all ID features (higher = more OOD).
 
     Args:
         shrinkage: "ledoit_wolf" (data-driven) or a fixed amount in [0, 1]:
             cov = (1 - s) S + s (tr(S) / p) I, which keeps the inverse stable when D is large for n.
+        base: device, boundaries, batch sizes, progress (`BaseOptions`, see `BaseDetector`).
     """
 
     kind: ClassVar[str] = "mahalanobis"
+    default_score_batch_size: ClassVar[int] = 4096
 
     def __init__(
         self,
         encoder: Encoder | None = None,
         *,
         shrinkage: str | float = "ledoit_wolf",
-        device: str | torch.device = "cpu",
-        boundaries: Sequence[int] | None = None,
-        score_batch_size: int = 4096,
-        encode_batch_size: int = 64,
-        progress: bool = True,
+        **base: Unpack[BaseOptions],
     ) -> None:
-        super().__init__(
-            encoder,
-            device=device,
-            boundaries=boundaries,
-            score_batch_size=score_batch_size,
-            encode_batch_size=encode_batch_size,
-            progress=progress,
-        )
+        super().__init__(encoder, **base)
         if isinstance(shrinkage, str):
             if shrinkage != "ledoit_wolf":
                 raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1]; got {shrinkage!r}")
@@ -194,11 +176,7 @@ class MahalanobisDetector(BaseDetector):
         return ((d @ self.precision) * d).sum(dim=1)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "shrinkage": self.shrinkage,
-            "score_batch_size": self.score_batch_size,
-            "encode_batch_size": self.encode_batch_size,
-        }
+        return {"shrinkage": self.shrinkage, **super().hyperparameters()}
 
     def state_tensors(self) -> dict[str, Tensor]:
         self._require_fitted()

@@ -2,7 +2,7 @@
 
 With n held-out in-distribution scores s_1..s_n and a new exchangeable ID score s, the rank of s among the
 n + 1 scores is uniform, so for k = ceil((n + 1)(1 - alpha)) the k-th smallest calibration score q_k gives
-P(s > q_k) <= 1 - k / (n + 1) <= alpha (METHOD.md section 4; Vovk et al., conformal prediction).
+P(s > q_k) <= 1 - k / (n + 1) <= alpha (docs/METHOD.md section 4; Vovk et al., conformal prediction).
 """
 
 from __future__ import annotations

@@ -1,457 +1,47 @@
-"""Detectors in the shape of alibi-detect: build -> fit -> score -> calibrate -> predict -> save / load.
+"""DLSR, the method of the paper (docs/METHOD.md sections 2-4), behind the `BaseDetector` interface.
 
-`DLSRDetector` is the method of the paper (METHOD.md sections 2-4): an LFDN trained to denoise the encoder's
-multi-layer features, scored by how badly it reconstructs them. The baselines in `dlsr.baselines` share the
-`BaseDetector` interface, so everything downstream (monitor, trainer, benchmarks) can use any of them.
+An LFDN is trained to denoise the encoder's multi-layer features; an image is scored by how badly its features
+are reconstructed (see `dlsr.scores`). The baselines in `dlsr.baselines` share the interface, so everything
+downstream (monitor, trainer, benchmarks) can use any of them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dlsr.calibration import check_alpha, conformal_threshold, p_values
+from dlsr.base import BaseDetector, pad_rows, register_detector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
-from dlsr.exceptions import DLSRError, FeatureWidthError, NotCalibratedError, NotFittedError
+from dlsr.exceptions import DLSRError, FeatureWidthError, NotFittedError
 from dlsr.lfdn import LFDN
+from dlsr.scores import SCORES, check_score_name
 
 if TYPE_CHECKING:  # the encoder is only ever passed in; importing it here would load timm for baseline users
     from dlsr.encoder import Encoder
 
 
-# --------------------------------------------------------------------------------------------------------
-# scores (METHOD.md section 3): higher = more OOD
+def _check_t(t: int, ddim_steps: int | None, T: int) -> None:
+    if not 1 <= int(t) <= T:
+        raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
+    if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
+        raise ValueError(f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}")
 
 
-def _segments(boundaries: Sequence[int]) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)]
+@dataclass(frozen=True)
+class DLSRConfig:
+    """Every hyperparameter of DLSR; the defaults are the paper's LFDN (docs/METHOD.md section 2).
 
+    Change one with `dataclasses.replace(DLSRConfig(), n_blocks=8)`. Invalid values are refused here; that the
+    score fits the layer layout is checked by the detector, which knows the layout.
 
-def mse_score(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
-    """Mean squared reconstruction error over all dims (the official code sums; a mean ranks the same)."""
-    return torch.mean((z0.double() - rec.double()) ** 2, dim=1)
-
-
-def _mfsim(z0: Tensor, rec: Tensor, boundaries: Sequence[int], skip_first: bool) -> Tensor:
-    segs = _segments(boundaries)[1 if skip_first else 0 :]
-    a, b = z0.double(), rec.double()
-    sims = [F.cosine_similarity(a[:, lo:hi], b[:, lo:hi], dim=1, eps=1e-12) for lo, hi in segs]
-    return -torch.stack(sims, dim=0).mean(dim=0)
-
-
-def mfsim5_score(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
-    """Minus the mean per-layer cosine similarity over all layers (the paper's MFsim)."""
-    return _mfsim(z0, rec, boundaries, skip_first=False)
-
-
-def mfsim4_score(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
-    """Minus the mean per-layer cosine similarity over layers 2..L, skipping the first (the official code)."""
-    return _mfsim(z0, rec, boundaries, skip_first=True)
-
-
-SCORES: dict[str, Callable[[Tensor, Tensor, Sequence[int]], Tensor]] = {
-    "mse": mse_score,
-    "mfsim5": mfsim5_score,
-    "mfsim4": mfsim4_score,
-}
-
-
-def check_score_name(name: str, boundaries: Sequence[int] | None = None) -> str:
-    """Validate a score name (and that the layer layout supports it); returns the name."""
-    if name not in SCORES:
-        raise ValueError(f"unknown score {name!r}; choose one of {sorted(SCORES)}")
-    if name == "mfsim4" and boundaries is not None and len(boundaries) < 3:
-        raise ValueError("score 'mfsim4' skips the first layer and needs at least 2 layers; pass boundaries")
-    return name
-
-
-def check_boundaries(boundaries: Sequence[int] | None, dim: int | None = None) -> tuple[int, ...] | None:
-    """Validate cumulative layer boundaries (0, b1, ..., D): start at 0, strictly increasing, end at dim."""
-    if boundaries is None:
-        return None
-    b = tuple(int(x) for x in boundaries)
-    if len(b) < 2 or b[0] != 0 or any(y <= x for x, y in zip(b[:-1], b[1:], strict=True)):
-        raise ValueError(
-            f"boundaries must be cumulative offsets (0, b1, ..., D), strictly increasing; got {b}"
-        )
-    if dim is not None and b[-1] != dim:
-        raise FeatureWidthError(f"boundaries {b} end at {b[-1]} but the features have D={dim} dims")
-    return b
-
-
-def pad_rows(x: Tensor, min_rows: int) -> Tensor:
-    """Zero-pad a batch to at least `min_rows` rows.
-
-    BLAS switches to other kernels (gemv, small-M paths) for a handful of rows, whose float32 rounding differs
-    from the blocked kernel's; padding tiny batches keeps every row's arithmetic, hence its score, identical
-    whatever the batch size. Slice the result back to the original rows.
-    """
-    n = x.shape[0]
-    if n >= min_rows:
-        return x
-    return torch.cat([x, x.new_zeros((min_rows - n, *x.shape[1:]))])
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when present else CPU; a CUDA request without CUDA is a ValueError naming the fix."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
-    return dev
-
-
-# --------------------------------------------------------------------------------------------------------
-# base class
-
-
-@dataclass
-class Prediction:
-    """What `predict` returns: one entry per input, plus the threshold in force."""
-
-    score: np.ndarray  # (N,) float64, higher = more OOD
-    threshold: float
-    p_value: np.ndarray  # (N,) conformal p-values
-    is_ood: np.ndarray  # (N,) bool, score > threshold
-
-
-def _is_pil(obj: Any) -> bool:
-    return hasattr(obj, "getbands") and hasattr(obj, "size")
-
-
-class BaseDetector:
-    """Shared fit / score / calibrate / predict / save logic; subclasses implement the model.
-
-    Subclasses set `kind` and implement `_fit_tensor`, `_score_tensor`, `hyperparameters`, `state_tensors` and
-    `_load_state`. State: `dim`, `boundaries`, `encoder_identity`, `n_train`, `alpha`, `threshold`,
-    `calibration_scores`: everything needed to save and restore the detector exactly.
-    """
-
-    kind: ClassVar[str] = "base"
-
-    def __init__(
-        self,
-        encoder: Encoder | None = None,
-        *,
-        device: str | torch.device = "cpu",
-        boundaries: Sequence[int] | None = None,
-        score_batch_size: int = 1024,
-        encode_batch_size: int = 64,
-        progress: bool = True,
-    ) -> None:
-        if score_batch_size < 1 or encode_batch_size < 1:
-            raise ValueError(
-                f"batch sizes must be >= 1; got score_batch_size={score_batch_size}, "
-                f"encode_batch_size={encode_batch_size}"
-            )
-        self.device = resolve_device(device)
-        self.encoder = encoder
-        self.score_batch_size = int(score_batch_size)
-        self.encode_batch_size = int(encode_batch_size)
-        self.progress = bool(progress)
-        self.dim: int | None = None
-        self.boundaries: tuple[int, ...] | None = check_boundaries(boundaries)
-        self._auto_boundaries = False  # True when fit() chose (0, D) because no layout was given
-        self.failures: list[tuple[str, str]] = []  # (name, reason) of images the last call could not decode
-        self.encoder_identity: dict | None = None
-        self.encoder_name: str | None = None
-        self.n_train: int = 0
-        self.alpha: float | None = None
-        self.threshold: float | None = None
-        self.calibration_scores: np.ndarray | None = None
-        if encoder is not None:
-            self._adopt_encoder(encoder)
-
-    # -- state -------------------------------------------------------------------------------------------
-
-    @property
-    def is_fitted(self) -> bool:
-        raise NotImplementedError
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.threshold is not None and self.calibration_scores is not None
-
-    def _adopt_encoder(self, encoder: Encoder) -> None:
-        """Take the feature layout from the encoder; it must agree with what the detector already knows."""
-        enc_b = tuple(int(b) for b in encoder.boundaries)
-        if self.boundaries is not None and self.boundaries != enc_b:
-            raise FeatureWidthError(
-                f"boundaries {self.boundaries} do not match encoder {encoder.name}'s {enc_b}; omit boundaries"
-            )
-        if self.dim is not None and self.dim != int(encoder.dim):
-            raise FeatureWidthError(
-                f"encoder {encoder.name} gives D={encoder.dim} features but the detector was fitted on "
-                f"D={self.dim} features from {self._source()}; use that encoder or refit"
-            )
-        self.boundaries = enc_b
-        self.encoder = encoder
-        self.encoder_name = str(encoder.name)
-        identity = getattr(encoder, "identity", None)
-        self.encoder_identity = identity() if callable(identity) else None
-
-    def _source(self) -> str:
-        return f"encoder {self.encoder_name}" if self.encoder_name else "an unnamed feature source"
-
-    def _require_fitted(self) -> None:
-        if not self.is_fitted:
-            raise NotFittedError(
-                f"{type(self).__name__} is not fitted: call fit() first (or load_detector())"
-            )
-
-    # -- inputs ------------------------------------------------------------------------------------------
-
-    def _check_features(self, x: np.ndarray | Tensor, *, fitting: bool) -> Tensor:
-        """(N, D) array -> float32 tensor on the device, with the width checked up front."""
-        t = (
-            x
-            if isinstance(x, Tensor)
-            else torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
-        )
-        if t.ndim != 2:
-            raise FeatureWidthError(f"features must be a 2-D (N, D) array; got shape {tuple(t.shape)}")
-        d = int(t.shape[1])
-        expected = (
-            self.dim
-            if self.dim is not None
-            else (int(self.encoder.dim) if self.encoder is not None else None)
-        )
-        if expected is not None and d != expected and not (fitting and self.encoder is None):
-            raise FeatureWidthError(
-                f"got D'={d} features, but the detector was fitted on D={expected} features from "
-                f"{self._source()}; pass features from that encoder (or refit)"
-            )
-        if self.boundaries is not None and self.boundaries[-1] != d:
-            raise FeatureWidthError(
-                f"got D'={d} features, but the layer boundaries {self.boundaries} describe D={self.boundaries[-1]}"
-                f" features from {self._source()}; pass matching boundaries or features"
-            )
-        return t.to(device=self.device, dtype=torch.float32)
-
-    def _encode_images(self, images: Iterable[Any], progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Images (PIL images, or items with `.data` bytes such as an ImageSet) -> (N, D) features.
-
-        Returns:
-            (features, failed): an undecodable item is not fatal: its row is NaN, `failed` marks it and
-            `self.failures` lists (name, reason) for each one.
-        """
-        if self.encoder is None:
-            raise ValueError(
-                f"{type(self).__name__} has no encoder: pass encoder= when building it, or features"
-            )
-        from dlsr.images import ImageDecodeError, decode_image
-
-        dim = int(self.encoder.dim)
-        chunks: list[np.ndarray] = []
-        batch: list[Any] = []
-        failed: list[bool] = []
-        self.failures = []
-
-        def flush() -> None:
-            if batch:
-                chunks.append(self.encoder.encode(batch, batch_size=self.encode_batch_size, progress=False))
-                batch.clear()
-
-        it: Iterable[Any] = images
-        if progress:
-            from tqdm.auto import tqdm
-
-            total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
-            it = tqdm(images, total=total, desc=f"encode {self.encoder.name}", unit="img")
-        for i, item in enumerate(it):
-            if _is_pil(item):
-                batch.append(item)
-            elif hasattr(item, "data"):
-                try:
-                    batch.append(decode_image(item.data))
-                except ImageDecodeError as exc:
-                    self.failures.append((str(getattr(item, "name", i)), exc.reason))
-                    failed.append(True)
-                    continue
-            else:
-                raise TypeError(
-                    f"images must be PIL images or items with .data bytes; got {type(item).__name__}"
-                )
-            failed.append(False)
-            if len(batch) >= self.encode_batch_size * 4:
-                flush()
-        flush()
-        mask = np.asarray(failed, dtype=bool)
-        out = np.full((mask.size, dim), np.nan, dtype=np.float32)
-        if chunks:
-            out[~mask] = np.concatenate(chunks, axis=0)
-        return out, mask
-
-    def _inputs(self, features: Any, images: Any, progress: bool, *, fitting: bool) -> Tensor:
-        if (features is None) == (images is None):
-            raise ValueError("pass exactly one of features (an (N, D) array) or images=")
-        if images is not None:
-            features, failed = self._encode_images(images, progress)
-            if fitting:  # train on what decoded; `self.failures` names the rest
-                features = features[~failed]
-        return self._check_features(features, fitting=fitting)
-
-    # -- the public API ----------------------------------------------------------------------------------
-
-    def fit(
-        self,
-        features: np.ndarray | None = None,
-        *,
-        images: Any = None,
-        progress: bool | None = None,
-        **kwargs: Any,
-    ) -> BaseDetector:
-        """Fit on in-distribution data: (N, D) features, or images through the encoder.
-
-        Returns:
-            self, fitted (any previous calibration is dropped: it belonged to the old model).
-        """
-        progress = self.progress if progress is None else progress
-        if self._auto_boundaries and not kwargs.get("warm_start"):
-            self.boundaries = None  # a fresh fit on features without a layout may change the width
-        x = self._inputs(features, images, progress, fitting=True)
-        if x.shape[0] < 2:
-            raise ValueError(f"fit needs at least 2 samples; got {x.shape[0]}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("fit features contain NaN or infinite values; check the encoder and the images")
-        self._fit_tensor(x, progress=progress, **kwargs)
-        self.dim = int(x.shape[1])
-        if self.boundaries is None:
-            self.boundaries, self._auto_boundaries = (0, self.dim), True
-        self.n_train = int(x.shape[0]) + (self.n_train if kwargs.get("warm_start") else 0)
-        self.alpha = self.threshold = self.calibration_scores = None
-        return self
-
-    def score(
-        self,
-        features: np.ndarray | None = None,
-        *,
-        images: Any = None,
-        batch_size: int | None = None,
-        progress: bool = False,
-        **options: Any,
-    ) -> np.ndarray:
-        """OOD scores, higher = more OOD; every input is scored (no batch is dropped).
-
-        Args:
-            features: (N, D) features (or pass images= to go through the encoder).
-            batch_size: scoring batch (default `score_batch_size`); the result does not depend on it.
-            options: scorer-specific overrides (e.g. score=, t=, ddim_steps= for DLSR).
-
-        Returns:
-            (N,) float64 scores.
-        """
-        self._require_fitted()
-        x = self._inputs(features, images, progress, fitting=False)
-        bs = int(batch_size or self.score_batch_size)
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1; got {bs}")
-        out = np.empty(x.shape[0], dtype=np.float64)
-        starts: Iterable[int] = range(0, x.shape[0], bs)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"score {self.kind}", unit="batch")
-        for i in starts:
-            out[i : i + bs] = self._score_tensor(x[i : i + bs], **options).double().cpu().numpy()
-        return out
-
-    def score_pixels(self, x: Tensor, **options: Any) -> np.ndarray:
-        """Preprocessed pixels (N, 3, S, S) from `encoder.preprocess` -> (N,) float64 scores (one batch)."""
-        self._require_fitted()
-        if self.encoder is None:
-            raise ValueError(
-                f"{type(self).__name__} has no encoder: pass encoder= (or load_detector(encoder=))"
-            )
-        z = self._check_features(self.encoder.encode_pixels(x), fitting=False)
-        return self._score_tensor(z, **options).double().cpu().numpy()
-
-    def calibrate(
-        self,
-        features: np.ndarray | None = None,
-        *,
-        images: Any = None,
-        scores: np.ndarray | None = None,
-        alpha: float = 0.01,
-    ) -> BaseDetector:
-        """Set the conformal threshold from held-out in-distribution data (never the training data).
-
-        Args:
-            features / images / scores: the held-out ID set, or its precomputed scores.
-            alpha: target false-alarm rate in (0, 1).
-        """
-        alpha = check_alpha(alpha)
-        if scores is None:
-            scores = self.score(features, images=images)
-        elif features is not None or images is not None:
-            raise ValueError("pass scores= or features/images to calibrate, not both")
-        cal = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if images is not None and self.failures and int(np.isnan(cal).sum()) == len(self.failures):
-            cal = cal[~np.isnan(cal)]  # the undecodable images (named in self.failures), not a broken model
-        threshold = conformal_threshold(cal, alpha)  # validates: non-empty, finite
-        self.calibration_scores, self.alpha, self.threshold = cal, alpha, threshold
-        return self
-
-    def predict(
-        self, features: np.ndarray | None = None, *, images: Any = None, scores: np.ndarray | None = None
-    ) -> Prediction:
-        """Scores, threshold, p-values and OOD flags (score > threshold) together."""
-        if not self.is_calibrated:
-            raise NotCalibratedError(f"{type(self).__name__} has no threshold: call calibrate() first")
-        s = self.score(features, images=images) if scores is None else np.asarray(scores, dtype=np.float64)
-        assert self.threshold is not None and self.calibration_scores is not None
-        return Prediction(
-            score=s,
-            threshold=float(self.threshold),
-            p_value=p_values(self.calibration_scores, s),
-            is_ood=(s > self.threshold) | np.isnan(s),
-        )
-
-    def save(self, path: str | Path, *, metrics: dict | None = None) -> Path:
-        """Write the detector atomically to directory `path` (see dlsr.artifacts); returns the path."""
-        from dlsr.artifacts import save_detector
-
-        return save_detector(self, path, metrics=metrics)
-
-    # -- subclass hooks ----------------------------------------------------------------------------------
-
-    def _fit_tensor(self, x: Tensor, *, progress: bool, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    def _score_tensor(self, x: Tensor, **options: Any) -> Tensor:
-        raise NotImplementedError
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """JSON-able constructor arguments (without encoder and device) that rebuild this detector."""
-        raise NotImplementedError
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """The fitted model as a flat dict of CPU tensors (saved with safetensors)."""
-        raise NotImplementedError
-
-    def _load_state(self, tensors: dict[str, Tensor]) -> None:
-        raise NotImplementedError
-
-
-# --------------------------------------------------------------------------------------------------------
-# DLSR
-
-
-class DLSRDetector(BaseDetector):
-    """Diffusion-based layer-wise semantic reconstruction (Yang et al., NeurIPS 2024).
-
-    Args:
-        encoder: frozen feature encoder (optional: features-only use needs `boundaries` for MFsim).
+    Attributes:
         score: "mse", "mfsim5" (all layers, the paper) or "mfsim4" (layers 2..L, the official code).
         t: noise level in [1, T] for scoring (paper Fig. 4: 3..10 is best).
         ddim_steps: DDIM steps from t to 0 (default t, as the official code; 1 = one direct x0 prediction).
@@ -460,112 +50,182 @@ class DLSRDetector(BaseDetector):
         n_blocks, width, hidden, temb_dim, dropout: LFDN shape (paper: 16 blocks, W = W' = 2D).
         T, schedule: diffusion steps and beta schedule (paper: 100, "sqrt_linear").
         epochs, batch_size, lr, weight_decay, ema_decay, warmup_steps: training (paper: 150 epochs, batch 256,
-            lr 1e-3 x batch/256, AdamW weight decay 0.02, cosine schedule, EMA of the weights).
+            lr 1e-3 x batch/256 (lr=None), AdamW weight decay 0.02, cosine schedule, EMA of the weights).
         seed: seeds the initial weights, the training order and noise, and the scoring noise bank.
-        device: "cpu", "cuda", "cuda:1" or "auto"; on CUDA training runs under bf16 autocast.
         score_amp: also score under bf16 autocast on CUDA (faster, but no longer exactly batch-independent).
         train_amp: train under bf16 autocast (fp32 master weights); None = on CUDA only. On a CPU with
             AVX512-BF16 (e.g. this project's EPYC box) True roughly halves the training time.
         min_batch: tiny scoring batches are zero-padded to this many rows so BLAS uses the same kernel for
             every batch size (batch-size-independent float32 scores on CPU).
-        boundaries: cumulative layer offsets (0, ..., D) when fitting on features without an encoder.
-        score_batch_size, encode_batch_size, progress: batching and progress bars.
+    """
+
+    score: str = "mfsim5"
+    t: int = 5
+    ddim_steps: int | None = None
+    eta: float = 1.0
+    n_draws: int = 1
+    n_blocks: int = 16
+    width: int | None = None
+    hidden: int | None = None
+    temb_dim: int | None = None
+    dropout: float = 0.0
+    T: int = 100
+    schedule: str = "sqrt_linear"
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float = 0.02
+    ema_decay: float = 0.999
+    warmup_steps: int = 0
+    seed: int = 0
+    score_amp: bool = False
+    train_amp: bool | None = None
+    min_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}")
+        if self.T < 1:
+            raise ValueError(f"T must be >= 1; got {self.T}")
+        _check_t(self.t, self.ddim_steps, self.T)
+        if self.n_draws < 1:
+            raise ValueError(f"n_draws must be >= 1; got {self.n_draws}")
+        if not self.eta >= 0.0:
+            raise ValueError(
+                f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {self.eta}"
+            )
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(
+                f"need epochs >= 0 and batch_size >= 1; got epochs={self.epochs}, batch_size={self.batch_size}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        check_score_name(self.score)
+        if self.min_batch < 1:
+            raise ValueError(f"min_batch must be >= 1; got {self.min_batch}")
+
+    def resolved(self) -> DLSRConfig:
+        """The config a detector keeps (and saves): numbers in their canonical types, lr=None made explicit."""
+        return replace(
+            self,
+            t=int(self.t),
+            ddim_steps=None if self.ddim_steps is None else int(self.ddim_steps),
+            eta=float(self.eta),
+            n_draws=int(self.n_draws),
+            n_blocks=int(self.n_blocks),
+            dropout=float(self.dropout),
+            T=int(self.T),
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            lr=float(self.lr) if self.lr is not None else 1e-3 * self.batch_size / 256,
+            weight_decay=float(self.weight_decay),
+            ema_decay=float(self.ema_decay),
+            warmup_steps=int(self.warmup_steps),
+            seed=int(self.seed),
+            score_amp=bool(self.score_amp),
+            min_batch=int(self.min_batch),
+        )
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(DLSRConfig))
+
+
+class _ConfigField:
+    """A DLSRConfig field as a detector attribute (the API before DLSRConfig): reads `detector.config`, and
+    assigning it replaces the config (validated)."""
+
+    def __init__(self, field: str = "") -> None:
+        self.field = field  # "" = the attribute's own name (set by __set_name__)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = self.field or name
+
+    def __get__(self, det: DLSRDetector | None, owner: type | None = None) -> Any:
+        return self if det is None else getattr(det.config, self.field)
+
+    def __set__(self, det: DLSRDetector, value: Any) -> None:
+        det.config = replace(det.config, **{self.field: value})
+
+
+@register_detector
+class DLSRDetector(BaseDetector):
+    """Diffusion-based layer-wise semantic reconstruction (Yang et al., NeurIPS 2024).
+
+    `DLSRDetector(config=DLSRConfig(n_blocks=8))` and `DLSRDetector(n_blocks=8)` build the same detector.
+
+    Args:
+        encoder: frozen feature encoder (optional: features-only use needs `boundaries` for MFsim).
+        config: the hyperparameters (default `DLSRConfig()`, the paper's).
+        options: DLSRConfig fields, which replace those of `config`, and the base options (device, boundaries,
+            batch sizes, progress: `BaseOptions`, see `BaseDetector`). On CUDA training runs under bf16 autocast.
     """
 
     kind: ClassVar[str] = "dlsr"
 
+    # The hyperparameters as attributes, as before DLSRConfig; `score_name` because `score` is the scoring method.
+    score_name = _ConfigField("score")
+    t = _ConfigField()
+    ddim_steps = _ConfigField()
+    eta = _ConfigField()
+    n_draws = _ConfigField()
+    n_blocks = _ConfigField()
+    width = _ConfigField()
+    hidden = _ConfigField()
+    temb_dim = _ConfigField()
+    dropout = _ConfigField()
+    T = _ConfigField()
+    schedule = _ConfigField()
+    epochs = _ConfigField()
+    batch_size = _ConfigField()
+    lr = _ConfigField()
+    weight_decay = _ConfigField()
+    ema_decay = _ConfigField()
+    warmup_steps = _ConfigField()
+    seed = _ConfigField()
+    score_amp = _ConfigField()
+    train_amp = _ConfigField()
+    min_batch = _ConfigField()
+
     def __init__(
-        self,
-        encoder: Encoder | None = None,
-        *,
-        score: str = "mfsim5",
-        t: int = 5,
-        ddim_steps: int | None = None,
-        eta: float = 1.0,
-        n_draws: int = 1,
-        n_blocks: int = 16,
-        width: int | None = None,
-        hidden: int | None = None,
-        temb_dim: int | None = None,
-        dropout: float = 0.0,
-        T: int = 100,
-        schedule: str = "sqrt_linear",
-        epochs: int = 150,
-        batch_size: int = 256,
-        lr: float | None = None,
-        weight_decay: float = 0.02,
-        ema_decay: float = 0.999,
-        warmup_steps: int = 0,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        score_amp: bool = False,
-        train_amp: bool | None = None,
-        min_batch: int = 16,
-        boundaries: Sequence[int] | None = None,
-        score_batch_size: int = 1024,
-        encode_batch_size: int = 64,
-        progress: bool = True,
+        self, encoder: Encoder | None = None, *, config: DLSRConfig | None = None, **options: Any
     ) -> None:
-        super().__init__(
-            encoder,
-            device=device,
-            boundaries=boundaries,
-            score_batch_size=score_batch_size,
-            encode_batch_size=encode_batch_size,
-            progress=progress,
-        )
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        if T < 1:
-            raise ValueError(f"T must be >= 1; got {T}")
-        self._check_t(t, ddim_steps, T)
-        if n_draws < 1:
-            raise ValueError(f"n_draws must be >= 1; got {n_draws}")
-        if not eta >= 0.0:
-            raise ValueError(
-                f"eta must be >= 0 (0 = deterministic DDIM, 1 = the official sampler); got {eta}"
-            )
-        if epochs < 0 or batch_size < 1:
-            raise ValueError(
-                f"need epochs >= 0 and batch_size >= 1; got epochs={epochs}, batch_size={batch_size}"
-            )
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
-        self.score_name = check_score_name(score, self.boundaries)
-        self.t, self.ddim_steps = int(t), (int(ddim_steps) if ddim_steps is not None else None)
-        self.eta, self.n_draws = float(eta), int(n_draws)
-        self.n_blocks, self.width, self.hidden, self.temb_dim = int(n_blocks), width, hidden, temb_dim
-        self.dropout, self.T, self.schedule = float(dropout), int(T), schedule
-        self.epochs, self.batch_size = int(epochs), int(batch_size)
-        self.lr = float(lr) if lr is not None else 1e-3 * batch_size / 256
-        self.weight_decay, self.ema_decay = float(weight_decay), float(ema_decay)
-        self.warmup_steps, self.seed, self.score_amp = int(warmup_steps), int(seed), bool(score_amp)
-        self.train_amp = train_amp
-        if min_batch < 1:
-            raise ValueError(f"min_batch must be >= 1; got {min_batch}")
-        self.min_batch = int(min_batch)
-        self.diffusion = GaussianDiffusion(self.T, self.schedule).to(self.device)
+        hyper = {name: options.pop(name) for name in _CONFIG_FIELDS & options.keys()}
+        super().__init__(encoder, **options)  # the rest are base options (a wrong name is a TypeError there)
+        self._config = self._checked(replace(config or DLSRConfig(), **hyper))
+        self.diffusion = GaussianDiffusion(self._config.T, self._config.schedule).to(self.device)
         self.model: LFDN | None = None  # the EMA weights: what scores (and what is saved)
         self._raw: LFDN | None = None  # the trained weights, kept for warm starts in this process
         self.history: list[float] = []  # mean training loss per epoch
 
-    @staticmethod
-    def _check_t(t: int, ddim_steps: int | None, T: int) -> None:
-        if not 1 <= int(t) <= T:
-            raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
-        if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
-            raise ValueError(
-                f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}"
-            )
+    @property
+    def config(self) -> DLSRConfig:
+        """The hyperparameters in force (lr resolved).
+
+        Assign a new config between fits to change training settings, e.g. `replace(det.config, epochs=5)`; the
+        LFDN shape fields (n_blocks, width, hidden, temb_dim) must stay those of a fitted model.
+        """
+        return self._config
+
+    @config.setter
+    def config(self, config: DLSRConfig) -> None:
+        config = self._checked(config)
+        if (config.T, config.schedule) != (self._config.T, self._config.schedule):
+            self.diffusion = GaussianDiffusion(config.T, config.schedule).to(self.device)
+        self._config = config
+
+    def _checked(self, config: DLSRConfig) -> DLSRConfig:
+        check_score_name(config.score, self.boundaries)  # mfsim4 needs at least 2 layers
+        return config.resolved()
 
     @property
     def is_fitted(self) -> bool:
         return self.model is not None
 
     def _build(self, dim: int) -> LFDN:
-        return LFDN(dim, self.width, self.hidden, self.n_blocks, self.temb_dim, self.dropout)
+        c = self.config
+        return LFDN(dim, c.width, c.hidden, c.n_blocks, c.temb_dim, c.dropout)
 
     # -- training ----------------------------------------------------------------------------------------
 
@@ -585,9 +245,10 @@ class DLSRDetector(BaseDetector):
             warm_start: continue from the current weights (the trainer's refit) instead of a fresh init.
             epochs, lr: overrides for this call (e.g. a shorter, gentler warm-started refit).
         """
+        cfg = self.config
         n, d = int(x.shape[0]), int(x.shape[1])
-        epochs = self.epochs if epochs is None else int(epochs)
-        lr = self.lr if lr is None else float(lr)
+        epochs = cfg.epochs if epochs is None else int(epochs)
+        lr = cfg.lr if lr is None else float(lr)
         if warm_start and self.model is not None:
             if self.dim != d:
                 raise FeatureWidthError(
@@ -598,7 +259,7 @@ class DLSRDetector(BaseDetector):
         else:
             # Seeded init without touching the caller's global RNG.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+                torch.manual_seed(cfg.seed)
                 raw = self._build(d)
             ema = copy.deepcopy(raw)
         # A loaded (or scoring) model has its gradients switched off: the trained copy needs them back.
@@ -606,10 +267,10 @@ class DLSRDetector(BaseDetector):
         ema = ema.to(self.device).eval().requires_grad_(False)
         params = [p for p in raw.parameters()]
         ema_params = [p for p in ema.parameters()]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay, foreach=True)
-        steps_per_epoch = math.ceil(n / self.batch_size)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = max(1, epochs * steps_per_epoch)
-        warmup = self.warmup_steps
+        warmup = cfg.warmup_steps
 
         def lr_factor(step: int) -> float:
             # Linear warm-up (optional), then cosine decay to 0 over the run (the paper's cosine schedule).
@@ -618,9 +279,9 @@ class DLSRDetector(BaseDetector):
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        gen_cpu = torch.Generator().manual_seed(self.seed + 1)
-        gen_dev = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-        amp = self.device.type == "cuda" if self.train_amp is None else bool(self.train_amp)
+        gen_cpu = torch.Generator().manual_seed(cfg.seed + 1)
+        gen_dev = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        amp = self.device.type == "cuda" if cfg.train_amp is None else bool(cfg.train_amp)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -632,14 +293,14 @@ class DLSRDetector(BaseDetector):
             # Dropout draws from the global RNG: fork it so training is reproducible and leaves callers alone.
             devices = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed + 3)
+                torch.manual_seed(cfg.seed + 3)
                 for epoch in range(epochs):
                     perm = torch.randperm(n, generator=gen_cpu).to(self.device)
                     loss_sum = torch.zeros((), device=self.device)
-                    for i in range(0, n, self.batch_size):
-                        xb = x.index_select(0, perm[i : i + self.batch_size])
+                    for i in range(0, n, cfg.batch_size):
+                        xb = x.index_select(0, perm[i : i + cfg.batch_size])
                         b = xb.shape[0]
-                        k = torch.randint(0, self.T, (b,), generator=gen_dev, device=self.device)
+                        k = torch.randint(0, cfg.T, (b,), generator=gen_dev, device=self.device)
                         noise = torch.randn(xb.shape, generator=gen_dev, device=self.device)
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                             loss = self.diffusion.loss(raw, xb, k, noise)
@@ -649,7 +310,7 @@ class DLSRDetector(BaseDetector):
                         sched.step()
                         # EMA with a warm-up (decay (1+s)/(10+s) early on) so short runs are not dominated by
                         # the random initial weights.
-                        decay = min(self.ema_decay, (1.0 + step) / (10.0 + step))
+                        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
                         with torch.no_grad():
                             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
                         loss_sum += loss.detach() * b
@@ -680,17 +341,18 @@ class DLSRDetector(BaseDetector):
         """
         if self.dim is None:
             raise NotFittedError("the noise bank needs the feature width: call fit() first")
-        k = self.n_draws if n_draws is None else int(n_draws)
-        need = self.diffusion.n_noise(t, ddim_steps, self.eta)
-        gen = torch.Generator().manual_seed(self.seed + 7919 * t + 104_729 * ddim_steps)
+        k = self.config.n_draws if n_draws is None else int(n_draws)
+        need = self.diffusion.n_noise(t, ddim_steps, self.config.eta)
+        gen = torch.Generator().manual_seed(self.config.seed + 7919 * t + 104_729 * ddim_steps)
         bank = torch.randn((k, need, self.dim), generator=gen, dtype=torch.float32)
         return bank.to(self.device)
 
     def _settings(self, t: int | None, ddim_steps: int | None) -> tuple[int, int]:
-        t = self.t if t is None else int(t)
-        steps = ddim_steps if ddim_steps is not None else (self.ddim_steps if t == self.t else None)
+        cfg = self.config
+        t = cfg.t if t is None else int(t)
+        steps = ddim_steps if ddim_steps is not None else (cfg.ddim_steps if t == cfg.t else None)
         steps = t if steps is None else min(int(steps), t)
-        self._check_t(t, steps, self.T)
+        _check_t(t, steps, cfg.T)
         return t, steps
 
     @torch.no_grad()
@@ -701,20 +363,20 @@ class DLSRDetector(BaseDetector):
         self._require_fitted()
         assert self.model is not None
         t, steps = self._settings(t, ddim_steps)
-        bank = self.noise_bank(t, steps, n_draws=max(self.n_draws, draw + 1))[draw]
+        cfg = self.config
+        bank = self.noise_bank(t, steps, n_draws=max(cfg.n_draws, draw + 1))[draw]
         n = z0.shape[0]
-        z0 = pad_rows(z0, self.min_batch)  # batch-size-independent rounding (see pad_rows)
-        amp = self.device.type == "cuda" and self.score_amp
+        z0 = pad_rows(z0, cfg.min_batch)  # batch-size-independent rounding (see pad_rows)
+        amp = self.device.type == "cuda" and cfg.score_amp
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            return self.diffusion.reconstruct(self.model, z0, t, steps, self.eta, bank).float()[:n]
+            return self.diffusion.reconstruct(self.model, z0, t, steps, cfg.eta, bank).float()[:n]
 
     @torch.no_grad()
     def _score_tensor(
         self, x: Tensor, *, score: str | None = None, t: int | None = None, ddim_steps: int | None = None
     ) -> Tensor:
-        return self._score_many(x, (score or self.score_name,), t=t, ddim_steps=ddim_steps)[
-            score or self.score_name
-        ]
+        name = score or self.config.score
+        return self._score_many(x, (name,), t=t, ddim_steps=ddim_steps)[name]
 
     @torch.no_grad()
     def _score_many(
@@ -724,11 +386,12 @@ class DLSRDetector(BaseDetector):
         for name in names:
             check_score_name(name, self.boundaries)
         out = {name: torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for name in names}
-        for draw in range(self.n_draws):
+        n_draws = self.config.n_draws
+        for draw in range(n_draws):
             rec = self.reconstruct(x, t=t, ddim_steps=ddim_steps, draw=draw)
             for name in names:
                 out[name] += SCORES[name](x, rec, self.boundaries)
-        return {name: v / self.n_draws for name, v in out.items()}
+        return {name: v / n_draws for name, v in out.items()}
 
     def score_all(
         self,
@@ -754,32 +417,7 @@ class DLSRDetector(BaseDetector):
     # -- persistence -------------------------------------------------------------------------------------
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "score": self.score_name,
-            "t": self.t,
-            "ddim_steps": self.ddim_steps,
-            "eta": self.eta,
-            "n_draws": self.n_draws,
-            "n_blocks": self.n_blocks,
-            "width": self.width,
-            "hidden": self.hidden,
-            "temb_dim": self.temb_dim,
-            "dropout": self.dropout,
-            "T": self.T,
-            "schedule": self.schedule,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "ema_decay": self.ema_decay,
-            "warmup_steps": self.warmup_steps,
-            "seed": self.seed,
-            "score_amp": self.score_amp,
-            "train_amp": self.train_amp,
-            "min_batch": self.min_batch,
-            "score_batch_size": self.score_batch_size,
-            "encode_batch_size": self.encode_batch_size,
-        }
+        return {**asdict(self.config), **super().hyperparameters()}
 
     def state_tensors(self) -> dict[str, Tensor]:
         self._require_fitted()
@@ -793,12 +431,3 @@ class DLSRDetector(BaseDetector):
         model.load_state_dict(state, strict=True)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self._raw = None
-
-
-def load_detector(
-    path: str | Path, *, device: str | torch.device = "cpu", encoder: Encoder | None = None
-) -> BaseDetector:
-    """Load a detector saved with `save()`, verifying every file's sha256 (see dlsr.artifacts.load_detector)."""
-    from dlsr.artifacts import load_detector as _load
-
-    return _load(path, device=device, encoder=encoder)

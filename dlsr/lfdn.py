@@ -1,4 +1,4 @@
-"""LFDN: the latent feature diffusion network of DLSR (METHOD.md section 2), an MLP of residual blocks on vectors.
+"""LFDN: the latent feature diffusion network of DLSR (docs/METHOD.md section 2), an MLP of residual blocks.
 
 Layout (Yang et al. 2024, section 3.2): SiLU -> Linear(D, W) input projection; sinusoidal timestep embedding ->
 Linear -> SiLU -> Linear; N residual blocks [GroupNorm(1) -> SiLU -> Linear(W, W') + Linear(SiLU(temb));

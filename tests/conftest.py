@@ -189,8 +189,9 @@ def small_model(data_dir) -> SmallModel:
     import hashlib
     import json
 
+    from dlsr.artifacts import load_detector
     from dlsr.cache import FeatureCache
-    from dlsr.detector import DLSRDetector, load_detector
+    from dlsr.detector import DLSRDetector
     from dlsr.encoder import Encoder
     from dlsr.readers import open_images
 

@@ -7,6 +7,7 @@ The detector is DLSR by default; `ModelSettings.detector` can choose a baseline 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ class DlsrOps:
         self, model: ModelSettings, detector_kwargs: dict | None = None, refit_epochs: int | None = None
     ) -> None:
         from dlsr.cache import FeatureCache
-        from dlsr.detector import resolve_device
+        from dlsr.devices import resolve_device
         from dlsr.encoder import Encoder
 
         self.model = model
@@ -72,11 +73,9 @@ class DlsrOps:
         return res.features
 
     def new_detector(self) -> Any:
-        from dlsr.baselines import KNNDetector, MahalanobisDetector
-        from dlsr.detector import DLSRDetector
+        from dlsr.base import detector_class
 
-        cls = {"dlsr": DLSRDetector, "mahalanobis": MahalanobisDetector, "knn": KNNDetector}[self.kind]
-        return cls(self.encoder, device=self.device, **self.kwargs)
+        return detector_class(self.kind)(self.encoder, device=self.device, **self.kwargs)
 
     def can_warm_start(self, old: Any) -> bool:
         # Only an LFDN continues training; a baseline refits from scratch in seconds.
@@ -101,15 +100,10 @@ class DlsrOps:
             return det.fit(features, progress=progress)
         epochs = self.refit_epochs or max(1, int(getattr(warm_from, "epochs", 5)) // 5)
         # Training settings (lr, batch, EMA) come from the current configuration, the weights from the live model.
-        for k in ("batch_size", "lr", "weight_decay", "ema_decay", "warmup_steps", "epochs"):
-            if k in self.kwargs:
-                setattr(warm_from, k, self.kwargs[k])
+        training = ("batch_size", "lr", "weight_decay", "ema_decay", "warmup_steps", "epochs")
+        warm_from.config = replace(warm_from.config, **{k: self.kwargs[k] for k in training if k in self.kwargs})
         warm_from.progress = progress
-        model = getattr(warm_from, "model", None)
-        if model is not None and getattr(warm_from, "_raw", None) is None:
-            # A loaded detector's weights are frozen for scoring; training continues from a copy of them, which
-            # needs gradients (dlsr's warm start copies `model` when it has no raw weights of its own).
-            model.requires_grad_(True)
+        # A loaded detector warm-starts too: fit(warm_start=True) trains a copy of its frozen scoring weights.
         return warm_from.fit(features, progress=progress, warm_start=True, epochs=epochs)
 
     def load(self, path: Path) -> Any:

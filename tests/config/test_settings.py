@@ -127,17 +127,17 @@ def test_trainer_detector_arguments_must_fit_the_detector_kind(monkeypatch):
 
 
 def test_detector_argument_table_matches_the_dlsr_classes():
-    import inspect
-
-    from dlsr.baselines import KNNDetector, MahalanobisDetector
-    from dlsr.detector import DLSRDetector
+    from dlsr.base import detector_class, detector_kinds
     from dlsr_monitor.config.settings import DETECTOR_ARGUMENTS
 
-    # The trainer passes encoder, device, boundaries and progress itself.
-    own = {"self", "encoder", "device", "boundaries", "progress"}
-    for kind, cls in {"dlsr": DLSRDetector, "knn": KNNDetector, "mahalanobis": MahalanobisDetector}.items():
-        taken = [p for p in inspect.signature(cls.__init__).parameters if p not in own]
-        assert list(DETECTOR_ARGUMENTS[kind]) == taken, kind
+    # The arguments a detector saves as hyperparameters, which it takes back as keywords; the trainer passes
+    # encoder, device, boundaries and progress itself.
+    assert sorted(DETECTOR_ARGUMENTS) == list(detector_kinds())
+    for kind, names in DETECTOR_ARGUMENTS.items():
+        cls = detector_class(kind)
+        taken = cls().hyperparameters()
+        assert list(names) == list(taken), kind
+        assert cls(**taken).hyperparameters() == taken, kind
 
 
 def test_model_precision_is_checked(monkeypatch):

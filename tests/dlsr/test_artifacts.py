@@ -176,3 +176,26 @@ def test_a_loaded_detector_can_be_warm_started(detector: DLSRDetector, data, tmp
     assert loaded.n_train == 600 and len(loaded.history) == 3 and not loaded.is_calibrated
     assert any(not torch.equal(before[k], v) for k, v in loaded.state_tensors().items())
     assert not any(p.requires_grad for p in loaded.model.parameters())  # the scoring copy stays frozen
+
+
+def test_artifacts_find_the_class_through_the_registry(registered_toy, data, tmp_path: Path) -> None:
+    det = registered_toy(scale=3.0, boundaries=BOUNDARIES, progress=False).fit(data[0][:200])
+    det.calibrate(data[0][200:400], alpha=0.1)
+    path = det.save(tmp_path / "toy")
+    assert read_manifest(path)["kind"] == "toy"
+    loaded = load_detector(path)
+    assert type(loaded) is registered_toy and loaded.scale == 3.0 and loaded.threshold == det.threshold
+    np.testing.assert_array_equal(loaded.score(data[1]), det.score(data[1]))
+
+
+def test_an_unregistered_kind_is_refused_naming_the_known_ones(
+    detector: DLSRDetector, tmp_path: Path
+) -> None:
+    path = detector.save(tmp_path / "m")
+    m = json.loads((path / "manifest.json").read_text())
+    m["kind"] = "toy"
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(
+        ArtifactError, match=r"unknown detector kind 'toy'; this dlsr knows \['dlsr', 'knn', 'mahalanobis'\]"
+    ):
+        load_detector(path)

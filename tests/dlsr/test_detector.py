@@ -1,8 +1,8 @@
-"""DLSRDetector: separation, determinism, named errors, calibration and predict, warm start, encoder paths."""
+"""DLSRDetector and DLSRConfig: separation, determinism, named errors, warm start, bf16 training, the config."""
 
 from __future__ import annotations
 
-import io
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,20 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dlsr.detector import DLSRDetector
-from dlsr.exceptions import CalibrationWarning, FeatureWidthError, NotCalibratedError, NotFittedError
+from dlsr.detector import DLSRConfig, DLSRDetector
+from dlsr.exceptions import FeatureWidthError, NotFittedError
 from dlsr.metrics import auroc
-from dlsr.readers import ImageItem
-from tests.dlsr._synthetic import BOUNDARIES, D, clusters
-
-TINY = {
-    "n_blocks": 2,
-    "width": 64,
-    "epochs": 12,
-    "batch_size": 128,
-    "progress": False,
-    "boundaries": BOUNDARIES,
-}
+from tests.dlsr._synthetic import BOUNDARIES, TINY, D, clusters
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,23 +107,6 @@ def test_warm_start_continues_from_the_current_weights(data) -> None:
         )
 
 
-def test_calibrate_and_predict(fitted: DLSRDetector, data) -> None:
-    x_id, x_ood = data
-    det = DLSRDetector(t=5, **TINY)
-    with pytest.raises(NotCalibratedError, match=r"call calibrate\(\) first"):
-        fitted.predict(x_id[:3]) if not fitted.is_calibrated else det.predict(x_id[:3])
-    fitted.calibrate(x_id[800:1000], alpha=0.05)
-    assert fitted.is_calibrated and fitted.alpha == 0.05 and fitted.calibration_scores.shape == (200,)
-    pred = fitted.predict(np.concatenate([x_id[1000:], x_ood]))
-    assert pred.score.shape == pred.p_value.shape == pred.is_ood.shape == (500,)
-    np.testing.assert_array_equal(pred.is_ood, pred.score > pred.threshold)
-    assert pred.is_ood[:200].mean() < 0.15 and pred.is_ood[200:].mean() > 0.8
-    assert np.all((pred.p_value > 0) & (pred.p_value <= 1))
-    with pytest.warns(CalibrationWarning):
-        det2 = DLSRDetector(t=5, **{**TINY, "epochs": 1}).fit(x_id[:100]).calibrate(x_id[100:120], alpha=0.01)
-    assert det2.threshold == float("inf") and not det2.predict(x_ood[:5]).is_ood.any()
-
-
 def test_named_errors_tell_the_fix(fitted: DLSRDetector, data) -> None:
     x = data[0][:10]
     fresh = DLSRDetector(**TINY)
@@ -169,77 +142,73 @@ def test_named_errors_tell_the_fix(fitted: DLSRDetector, data) -> None:
         fitted.score(images=[Image.new("RGB", (4, 4))])
 
 
-class StubEncoder:
-    """Duck-typed encoder: pixels -> mean colour per channel spread over D dims (deterministic, tiny)."""
-
-    name = "stub"
-    dim = D
-    boundaries = BOUNDARIES
-
-    def __init__(self) -> None:
-        self.proj = torch.randn(3, D, generator=torch.Generator().manual_seed(0))
-
-    def identity(self) -> dict:
-        return {"name": "stub", "weights": {"source": "test"}}
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        arr = np.stack(
-            [np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32) / 255 for im in images]
-        )
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x.mean(dim=(2, 3)) @ self.proj)
-
-    def encode(self, images, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        return self.encode_pixels(self.preprocess(list(images))).numpy()
-
-
-def _png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def test_images_and_pixels_go_through_the_encoder() -> None:
-    rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
-    enc = StubEncoder()
-    det = DLSRDetector(enc, **{**TINY, "boundaries": None, "epochs": 1})
-    assert det.boundaries == BOUNDARIES and det.encoder_name == "stub"
-    det.fit(images=imgs[:30])
-    via_images = det.score(images=imgs[30:])
-    via_pixels = det.score_pixels(enc.preprocess(imgs[30:]))
-    np.testing.assert_allclose(via_images, via_pixels, rtol=1e-6)
-    # Undecodable items are reported by name, not fatal: skipped by fit, NaN (flagged) when scored.
-    good = [ImageItem(f"ok{i}", _png(im)) for i, im in enumerate(imgs[:3])]
-    items = [good[0], ImageItem("broken.jpg", b"not an image"), *good[1:]]
-    s = det.score(images=items)
-    assert (
-        np.isnan(s[1])
-        and np.all(np.isfinite(s[[0, 2, 3]]))
-        and det.failures == [("broken.jpg", "not_an_image")]
-    )
-    np.testing.assert_allclose(s[[0, 2, 3]], det.score(images=imgs[:3]), rtol=1e-6)
-    det.calibrate(images=items, alpha=0.5)  # the undecodable item is left out of the calibration set
-    assert det.calibration_scores.shape == (3,)
-    det.fit(images=items + items)
-    assert det.n_train == 6 and len(det.failures) == 2
-    with pytest.raises(FeatureWidthError, match="from encoder stub"):
-        det.score(np.zeros((2, 10), dtype=np.float32))
-    with pytest.raises(FeatureWidthError, match="do not match encoder"):
-        DLSRDetector(enc, boundaries=(0, 64))
-
-
-def test_cuda_request_without_cuda_is_refused() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        DLSRDetector(device="cuda")
-
-
 def test_bf16_training_on_cpu_learns(data) -> None:
     det = DLSRDetector(train_amp=True, **{**TINY, "epochs": 4}).fit(data[0][:400])
     assert det.history[-1] < det.history[0]
     assert next(det.model.parameters()).dtype == torch.float32  # fp32 master weights; scoring stays fp32
     assert np.all(np.isfinite(det.score(data[1][:10])))
+
+
+# The paper's LFDN and scorer (docs/METHOD.md section 2): what DLSRDetector() saves; a change here changes manifests.
+PAPER_HYPERPARAMETERS = {
+    "score": "mfsim5", "t": 5, "ddim_steps": None, "eta": 1.0, "n_draws": 1, "n_blocks": 16, "width": None,
+    "hidden": None, "temb_dim": None, "dropout": 0.0, "T": 100, "schedule": "sqrt_linear", "epochs": 150,
+    "batch_size": 256, "lr": 0.001, "weight_decay": 0.02, "ema_decay": 0.999, "warmup_steps": 0, "seed": 0,
+    "score_amp": False, "train_amp": None, "min_batch": 16, "score_batch_size": 1024, "encode_batch_size": 64,
+}  # fmt: skip
+
+
+def test_config_defaults_are_the_papers_and_hyperparameters_are_the_config() -> None:
+    det = DLSRDetector()
+    assert det.hyperparameters() == PAPER_HYPERPARAMETERS
+    assert list(det.hyperparameters()) == list(PAPER_HYPERPARAMETERS)  # the order too
+    assert dataclasses.asdict(det.config) == {
+        k: v for k, v in det.hyperparameters().items() if k not in ("score_batch_size", "encode_batch_size")
+    }
+    assert DLSRConfig().lr is None and det.config == DLSRConfig(lr=0.001)  # lr=None: 1e-3 x batch / 256
+    assert DLSRDetector(batch_size=512).config.lr == 0.002
+
+
+def test_keyword_and_config_forms_build_the_same_detector(data) -> None:
+    by_kwargs = DLSRDetector(t=4, seed=2, **{**TINY, "epochs": 1})
+    config = DLSRConfig(t=4, seed=2, n_blocks=2, width=64, epochs=1, batch_size=128)
+    by_config = DLSRDetector(config=config, boundaries=BOUNDARIES, progress=False)
+    assert by_kwargs.config == by_config.config == config.resolved()
+    assert by_kwargs.hyperparameters() == by_config.hyperparameters()
+    a, b = by_kwargs.fit(data[0][:200]), by_config.fit(data[0][:200])
+    np.testing.assert_array_equal(a.score(data[1][:20]), b.score(data[1][:20]))
+    # Keywords replace the config's fields; numbers are kept in their canonical types.
+    both = DLSRDetector(config=config, n_blocks=3, eta=1, t=3.0)
+    assert (both.config.n_blocks, both.config.t, both.config.width) == (3, 3, 64)
+    assert type(both.config.eta) is float and type(both.config.t) is int
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_block'"):
+        DLSRDetector(n_block=3)
+
+
+def test_config_is_frozen_validated_and_replaced() -> None:
+    config = dataclasses.replace(DLSRConfig(), n_blocks=8, epochs=20)
+    assert (config.n_blocks, config.epochs, config.t) == (8, 20, 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.t = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="t must be in"):
+        dataclasses.replace(config, t=101)
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        DLSRConfig(schedule="foo")
+    with pytest.raises(ValueError, match="min_batch must be >= 1"):
+        DLSRConfig(min_batch=0)
+
+
+def test_hyperparameter_attributes_read_and_replace_the_config() -> None:
+    det = DLSRDetector(n_blocks=3, score="mse")
+    assert (det.n_blocks, det.score_name, det.lr, det.T) == (3, "mse", 0.001, 100)
+    for f in dataclasses.fields(DLSRConfig):  # every field, under its own name (score: score_name)
+        assert getattr(det, "score_name" if f.name == "score" else f.name) == getattr(det.config, f.name)
+    det.epochs = 7  # the attribute form (e.g. the trainer's refit settings) replaces the config
+    assert det.config.epochs == 7 and det.hyperparameters()["epochs"] == 7
+    det.config = dataclasses.replace(det.config, T=50, t=2)
+    assert (det.T, det.t, det.diffusion.T) == (50, 2, 50)  # the diffusion follows T and the schedule
+    with pytest.raises(ValueError, match="t must be in"):
+        det.t = 0
+    with pytest.raises(ValueError, match="needs at least 2 layers"):
+        DLSRDetector(boundaries=(0, 64)).score_name = "mfsim4"
+    assert det.t == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dlsr_monitor.config.settings import ModelSettings
@@ -48,3 +49,16 @@ def test_dlsr_kind_warm_starts_only_from_dlsr(tmp_path):
     assert ops.can_warm_start(det)
     maha = DlsrOps(_model(tmp_path, "mahalanobis")).fit(x, warm_from=None, progress=False)
     assert not ops.can_warm_start(maha)
+
+
+def test_warm_start_from_a_loaded_artifact_takes_the_current_training_settings(tmp_path):
+    ops = DlsrOps(_model(tmp_path, "dlsr"), {"n_blocks": 1, "width": 16, "epochs": 5})
+    x = np.random.default_rng(2).normal(size=(64, ops.encoder.dim)).astype(np.float32)
+    live = ops.load(ops.fit(x, warm_from=None, progress=False).save(tmp_path / "live"))
+    before = {k: v.clone() for k, v in live.state_tensors().items()}
+    refit = DlsrOps(_model(tmp_path, "dlsr"), {"n_blocks": 1, "width": 16, "epochs": 10, "lr": 3e-4})
+    assert refit.can_warm_start(live)
+    det = refit.fit(x[:32], warm_from=live, progress=False)
+    assert det is live and det.n_train == 96 and len(det.history) == 5 + 1  # refit: a fifth of the live epochs
+    assert (det.config.epochs, det.config.lr) == (10, 3e-4)  # training settings: the current ones
+    assert any(not torch.equal(before[k], v) for k, v in det.state_tensors().items())
