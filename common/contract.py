@@ -8,6 +8,7 @@ headers plus `error` / `error_detail`). Count(in) = count(scores) + count(dead l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -33,6 +34,15 @@ H_IMAGE_ID = "image_id"
 H_SOURCE = "source"
 H_TS = "ts"
 DEFAULT_SOURCE = "default"
+
+#: Provenance headers of a message on the vetted topic (`dlsr vet accept`), besides the original `source`,
+#: `image_id` (and `ts`, when the input had one). Value = the original input bytes, unchanged.
+VETTED_ORIGIN = "origin"  # "topic:partition:offset" of the input message
+VETTED_ALERT_ID = "alert_id"  # the OOD alert raised for it, when there was one
+VETTED_BY = "vetted_by"
+VETTED_AT = "vetted_at"  # ISO 8601, UTC
+VETTED_NOTE = "note"
+VETTED_SHA256 = "sha256"  # of the value (hex)
 
 
 class _Record(BaseModel):
@@ -176,6 +186,14 @@ def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | 
     return None
 
 
+def _present(headers: list[tuple[str, bytes | None]] | None, name: str) -> bool:
+    """A header of that name with a non-blank value (readable or not)."""
+    return any(
+        k == name and v is not None and (v if isinstance(v, bytes | bytearray) else str(v).encode()).strip()
+        for k, v in headers or ()
+    )
+
+
 def _parse_ts(text: str | None) -> float | None:
     """Epoch seconds (or milliseconds, when > 1e11) or an ISO-8601 string; None when unreadable."""
     if text is None:
@@ -214,7 +232,11 @@ def parse_input_meta(
     now = time.time() if now is None else now
     notes: list[str] = []
     default_id = f"{topic}:{partition}:{offset}"
+    if len(default_id) > IMAGE_ID_MAX:  # a topic name near Kafka's 249-character limit: keep the id bounded
+        default_id = f"{hashlib.sha256(topic.encode()).hexdigest()[:32]}:{partition}:{offset}"
     image_id = _header(headers, H_IMAGE_ID)
+    if image_id is None and _present(headers, H_IMAGE_ID):
+        notes.append(f"image_id header not UTF-8: used {default_id}")
     if image_id is not None and len(image_id) > IMAGE_ID_MAX:
         notes.append(f"image_id header longer than {IMAGE_ID_MAX} characters: used {default_id}")
         image_id = None
@@ -225,6 +247,8 @@ def parse_input_meta(
         except UnicodeDecodeError:
             source = None
     raw_ts = _header(headers, H_TS)
+    if raw_ts is None and _present(headers, H_TS):
+        raw_ts = "<not UTF-8>"
     ts = _parse_ts(raw_ts)
     if not _usable_ts(ts, now):
         kafka_ts = timestamp_ms / 1000.0 if timestamp_ms is not None and timestamp_ms > 0 else None
