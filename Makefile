@@ -32,7 +32,7 @@ install: $(VENV)/.installed system-deps
 
 # Starts what the tests need and is not running (Redis; the Tansu broker is started by the test fixtures).
 test: install
-	scripts/run_tests.sh $(BIN)/python $(PYTEST_ARGS)
+	CLUSTER_PASS=1 scripts/run_tests.sh $(BIN)/python $(PYTEST_ARGS)
 
 test-fast: install
 	scripts/run_tests.sh $(BIN)/python -m "not integration and not slow" $(PYTEST_ARGS)

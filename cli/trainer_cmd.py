@@ -95,7 +95,7 @@ def _registry(settings: Settings) -> Any:
     from dlsr_monitor.common.registry import Registry
 
     redis = connect_redis(settings.redis)
-    return Registry(redis, Keys(settings.redis.prefix), settings.model.artifact_store)
+    return Registry(redis, Keys.of(settings.redis), settings.model.artifact_store)
 
 
 # ---- trainer ----------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def _trigger(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.trainer.schedule import request_run
 
     redis = connect_redis(settings.redis)
-    request_run(redis, Keys(settings.redis.prefix), by="cli")
+    request_run(redis, Keys.of(settings.redis), by="cli")
     print("job requested: the trainer service starts it within trainer.poll_s (see `dlsr jobs`)")
     return 0
 
@@ -312,7 +312,7 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.trainer.history import JobHistory
 
     redis = connect_redis(settings.redis)
-    hist = JobHistory(redis, Keys(settings.redis.prefix))
+    hist = JobHistory(redis, Keys.of(settings.redis))
     if args.id:
         rec = hist.get(args.id)
         if rec is None:

@@ -163,15 +163,27 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     return (ConnectionError, TimeoutError, BusyLoadingError, OSError)
 
 
+def redis_client(redis_settings: RedisSettings) -> redis.Redis:
+    """A client for the settings, not yet connected: `redis.Redis`, or `RedisCluster` (same API for everything
+    this product calls) when `redis.cluster` is set."""
+    import redis
+
+    kwargs = {"socket_connect_timeout": 5, **redis_settings.client_kwargs()}
+    if redis_settings.cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(redis_settings.url, **kwargs)
+    return redis.Redis.from_url(redis_settings.url, **kwargs)
+
+
 def connect_redis(
     redis_settings: RedisSettings, *, wait: bool = False, stop: threading.Event | None = None
 ) -> redis.Redis:
     """A pinged `redis.Redis` client: bounded retries (StartupError when unreachable), or with `wait` (services)
     for as long as the outage budget allows."""
-    import redis
 
     def connect() -> redis.Redis:
-        client = redis.Redis.from_url(redis_settings.url, socket_connect_timeout=5, **redis_settings.client_kwargs())
+        client = redis_client(redis_settings)
         client.ping()
         return client
 

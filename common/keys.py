@@ -1,11 +1,22 @@
 """Every Redis key DLSR Monitor writes, in one place, all under a configurable prefix.
 
 Monitor and trainer both import this module, so the layout cannot drift between them.
+
+Redis Cluster: every Lua script and MULTI/EXEC here touches several keys (a partition's watermark with the
+window buckets and drift hashes of the sources in a batch, the registry pointer with its entries ...), and
+Cluster runs a script only when all its keys share one hash slot. With `cluster=True` the prefix becomes a hash
+tag (`{dlsr}:...`), so a deployment's keys live in one slot: the state runs on a Cluster unchanged and several
+deployments (prefixes) spread over its shards. One deployment's state is then served by one shard, which is
+ample for its key rate (one script per partition per batch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dlsr_monitor.config.settings import RedisSettings
 
 
 @dataclass(frozen=True)
@@ -13,9 +24,20 @@ class Keys:
     """Key builder for one deployment (`prefix`, e.g. "dlsr" or a per-test namespace)."""
 
     prefix: str = "dlsr"
+    cluster: bool = False  # hash-tag the prefix: every key of the deployment in one Cluster slot
+
+    @classmethod
+    def of(cls, redis_settings: RedisSettings) -> Keys:
+        """The key layout the settings ask for (`redis.prefix`, `redis.cluster`)."""
+        return cls(redis_settings.prefix, cluster=redis_settings.cluster)
+
+    @property
+    def head(self) -> str:
+        """What every key starts with: the prefix, as a hash tag on a Cluster."""
+        return f"{{{self.prefix}}}" if self.cluster else self.prefix
 
     def _k(self, *parts: object) -> str:
-        return ":".join([self.prefix, *(str(p) for p in parts)])
+        return ":".join([self.head, *(str(p) for p in parts)])
 
     # --- model registry (common/registry.py) ----------------------------------------------------
     def model_current(self) -> str:
@@ -56,6 +78,16 @@ class Keys:
         """Hash: drift state of one source (state, statistic, since, window counts)."""
         return self._k("drift", source)
 
+    def window_layout(self) -> str:
+        """Hash: bucket_s, window_buckets, instance, ts: the window layout the monitor writes with (each monitor
+        writes it at start), so a dashboard with other local settings reads the right buckets."""
+        return self._k("monitor", "layout")
+
+    def drift_ack(self, source: str) -> str:
+        """Hash: seq (the drift transition it acknowledges), by, note, at; written by `dlsr alerts ack`
+        (console/ack.py). Shown only while `seq` is the source's current raised drift."""
+        return self._k("ack", "drift", source)
+
     def watermark(self, group: str, topic: str, partition: int) -> str:
         """String: highest input offset whose Redis effects are applied (idempotent replays)."""
         return self._k("wm", group, topic, partition)
@@ -90,6 +122,14 @@ class Keys:
         """Hash: one job's trigger, start, duration, data sizes, gate results, outcome."""
         return self._k("trainer", "job", job_id)
 
+    def trainer_heartbeat(self, owner: str) -> str:
+        """String with TTL: JSON {owner, ts, poll_s} of one running `dlsr trainer run` (trainer/schedule.py)."""
+        return self._k("trainer", "hb", owner)
+
+    def trainer_heartbeats(self) -> str:
+        """Sorted set: trainer owners by last heartbeat time (expired ones are dropped by readers)."""
+        return self._k("trainer", "hb-index")
+
     def vetted_new(self) -> str:
         """Integer: vetted images arrived since the last refit."""
         return self._k("vetted", "new")
@@ -112,4 +152,4 @@ class Keys:
 
     def all_pattern(self) -> str:
         """Glob for every key under this prefix (tests use it to clean up)."""
-        return f"{self.prefix}:*"
+        return f"{self.head}:*"

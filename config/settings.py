@@ -7,6 +7,7 @@ from. Section owners: kafka/redis (infra), model (dlsr), monitor (monitor), trai
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -30,6 +31,7 @@ from pydantic_settings import (
 )
 
 from dlsr_monitor.config.errors import ConfigFileError
+from dlsr_monitor.config.timm_names import check_model_name
 
 CONFIG_FILE_ENV = "DLSR_CONFIG_FILE"
 
@@ -73,6 +75,19 @@ class KafkaSettings(BaseModel):
         description="How long the services wait out a broker outage (start-up included) before exiting; 0 = forever",
     )
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        # Caught here as one line: kafka-python fails on these deep inside a client, with a traceback.
+        entries = [e.strip() for e in value.split(",")]
+        if not any(entries):
+            raise ValueError("is empty: give host:port[,host:port...], e.g. kafka-1:9092,kafka-2:9092")
+        for entry in entries:
+            problem = _host_port_problem(entry)
+            if problem:
+                raise ValueError(f"{problem}: give host:port[,host:port...], e.g. kafka-1:9092,kafka-2:9092")
+        return value
+
     @field_validator("sasl_mechanism")
     @classmethod
     def _sasl_needs_mechanism(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -101,6 +116,33 @@ class KafkaSettings(BaseModel):
         return kw
 
 
+def _host_port_problem(entry: str) -> str | None:
+    """What is wrong with one bootstrap entry (host, host:port, [v6]:port or a bare IPv6 address), or None."""
+    if not entry:
+        return "has an empty entry"
+    if entry.startswith("["):
+        m = re.fullmatch(r"\[[^\]]+\](?::(\w*))?", entry)
+        if m is None:
+            return f"{entry!r} is not [ipv6]:port"
+        port = m.group(1)
+    elif ":" not in entry:
+        return None  # a host without a port: the client uses 9092
+    else:
+        try:
+            socket.inet_pton(socket.AF_INET6, entry)
+            return None
+        except (OSError, ValueError):
+            pass
+        host, _, port = entry.rpartition(":")
+        if not host:
+            return f"{entry!r} has no host"
+    if port is None:
+        return None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{entry!r} has no valid port (1..65535)"
+    return None
+
+
 class RedisSettings(BaseModel):
     """Redis connection; every key lives under `prefix`."""
 
@@ -115,6 +157,10 @@ class RedisSettings(BaseModel):
     retry_backoff_s: float = Field(1.0, gt=0, description="Seconds between start-up attempts")
     socket_timeout_s: float = Field(
         10.0, gt=0, description="Longest wait for one Redis reply (a paused server is an outage, not a hang)"
+    )
+    cluster: bool = Field(
+        False,
+        description="The URL names a node of a Redis Cluster: keys are hash-tagged {prefix} (one slot per deployment)",
     )
     outage_budget_s: float = Field(
         0.0,
@@ -139,6 +185,10 @@ class RedisSettings(BaseModel):
         if self.ssl_ca_certs is not None:
             kw["ssl_ca_certs"] = str(self.ssl_ca_certs)
         return kw
+
+
+# Feature stages (timm `out_indices`) of the backbone families whose count is known without building them.
+_STAGES_OF = {"efficientnet_lite": 5}
 
 
 class ModelSettings(BaseModel):
@@ -194,6 +244,38 @@ class ModelSettings(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the LFDN weights used for scoring")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the LFDN blocks (training only)")
     seed: int = Field(0, description="Seeds the LFDN init, training order and the scorer's fixed noise bank")
+
+    @field_validator("encoder")
+    @classmethod
+    def _timm_knows_encoder(cls, value: str) -> str:
+        # Checked against timm's installed model list (read from its sources: no torch import at load).
+        problem = check_model_name(value.strip())
+        if problem:
+            raise ValueError(problem)
+        return value.strip()
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_exist(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("name at least one feature stage, e.g. [0, 1, 2, 3, 4]")
+        twice = sorted({s for s in value if value.count(s) > 1})
+        if twice:
+            raise ValueError(f"stage {', '.join(map(str, twice))} listed more than once; each stage counts once")
+        encoder = str(info.data.get("encoder") or "")
+        top = _STAGES_OF.get(encoder.split(".", 1)[0].removeprefix("tf_").rstrip("0123456789"))
+        bad = [s for s in value if s < 0 or (top is not None and s >= top)]
+        if bad:
+            where = f"0..{top - 1} for {encoder} (EfficientNet-Lite: {top} feature stages)" if top else ">= 0"
+            raise ValueError(f"stage indices must be within {where}, got {', '.join(map(str, bad))}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip()):
+            raise ValueError("must be auto (CUDA when present), cpu, cuda or cuda:N (e.g. cuda:1)")
+        return value.strip()
 
     def detector_kwargs(self) -> dict:
         """Keyword arguments for `dlsr.DLSRDetector(encoder, device=..., **kwargs)` from these settings."""
@@ -461,7 +543,9 @@ class Settings(BaseSettings):
         # Precedence: explicit arguments > environment > .env > TOML file. The file is looked up when settings
         # are built (not at import), so DLSR_CONFIG_FILE set by a test or a wrapper script takes effect.
         toml_file = config_file_path()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings, _keep_undecodable(env_settings), _keep_undecodable(dotenv_settings)
+        ]
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
@@ -491,6 +575,48 @@ class Settings(BaseSettings):
         return self
 
 
+    @classmethod
+    def setting_origin(cls, parts: list[str]) -> str | None:
+        """The TOML file's name when the setting at `parts` (e.g. ["model", "alpha"]) came from it rather than
+        from the environment or `.env`; None otherwise. `settings_error_lines` names the file with it."""
+        if not parts:
+            return None
+        names = {"DLSR_" + "__".join(parts[:i]).upper() for i in range(1, len(parts) + 1)}
+        if names & {k.upper() for k in os.environ}:
+            return None
+        env_file = cls.model_config.get("env_file")
+        if env_file and Path(str(env_file)).is_file():
+            from dotenv import dotenv_values
+
+            if names & {k.upper() for k in dotenv_values(str(env_file))}:
+                return None
+        try:
+            path = config_file_path()
+            data: Any = tomllib.loads(path.read_text()) if path is not None else None
+        except (ConfigFileError, OSError, tomllib.TOMLDecodeError):
+            return None
+        for part in parts:
+            if not isinstance(data, dict) or part not in data:
+                return None
+            data = data[part]
+        return os.environ.get(CONFIG_FILE_ENV) or "dlsr.toml"
+
+
+def _keep_undecodable(source: PydanticBaseSettingsSource) -> PydanticBaseSettingsSource:
+    """Let a list/dict value that is not JSON (DLSR_MODEL__STAGES=1,2) reach validation as the string it is, so it
+    becomes one line naming the field and the variable instead of pydantic-settings' SettingsError traceback."""
+    decode = source.decode_complex_value
+
+    def lenient(field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return decode(field_name, field, value)
+        except ValueError:
+            return value
+
+    source.decode_complex_value = lenient  # type: ignore[method-assign]
+    return source
+
+
 def config_file_path() -> Path | None:
     """The TOML file to read: `DLSR_CONFIG_FILE` (must exist) or `./dlsr.toml` when present."""
     named = os.environ.get(CONFIG_FILE_ENV)
@@ -507,11 +633,16 @@ def config_file_path() -> Path | None:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings; a malformed TOML file becomes a ConfigFileError that names the file and the line."""
+    from pydantic_settings import SettingsError
+
     try:
         return Settings(**overrides)
     except tomllib.TOMLDecodeError as exc:
         path = os.environ.get(CONFIG_FILE_ENV) or "dlsr.toml"
         raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from None
+    except SettingsError as exc:  # a value no source could read; the cause says which
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigFileError(f"invalid settings: {exc}{cause}") from None
 
 
 def _forbid_unknown_keys(*sections: type[BaseModel]) -> None:

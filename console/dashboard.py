@@ -459,14 +459,15 @@ def run_dashboard(
     import redis as redis_lib
 
     from dlsr_monitor.common.connections import connect_redis
+    from dlsr_monitor.common.connections import redis_client as new_client
 
     if redis_client is not None:
         client = redis_client
     elif once:
         client = connect_redis(settings.redis)
     else:  # no ping: the client connects lazily and every frame retries
-        client = redis_lib.Redis.from_url(settings.redis.url, socket_connect_timeout=5, **settings.redis.client_kwargs())
-    state = StateView.from_settings(client, Keys(settings.redis.prefix), settings.monitor)
+        client = new_client(settings.redis)
+    state = StateView.from_settings(client, Keys.of(settings.redis), settings.monitor)
     dash = settings.dashboard
     url = mask_url(settings.redis.url)
 

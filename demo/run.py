@@ -627,7 +627,7 @@ def _run(settings: Settings, opts: DemoOptions, data: DemoData, console: Console
         bootstrap, redis_url, started = _start_servers(settings, stack, console)
         cfg = _demo_settings(settings, bootstrap, redis_url, run_id, opts.workdir, opts.alpha)
         client = redis_lib.Redis.from_url(cfg.redis.url, **cfg.redis.client_kwargs())
-        keys = Keys(cfg.redis.prefix)
+        keys = Keys.of(cfg.redis)
         stack.callback(client.close)
         stack.callback(_delete_keys, client, keys)  # the run's own prefix: nothing else is touched
 

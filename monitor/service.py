@@ -707,8 +707,17 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
         redis_client = connect_redis(settings.redis, wait=True, stop=stop)
     except Abandoned:
         return RunStats()
-    keys = Keys(settings.redis.prefix)
+    keys = Keys.of(settings.redis)
     state = MonitorState.from_settings(redis_client, keys, mon)
+    try:  # best effort: readers fall back to their own bucket_s without it
+        if (other := state.record_layout(mon.instance_id)) is not None:
+            log.warning(
+                "another monitor wrote windows under prefix %s with %s; this one uses bucket_s=%d, "
+                "window_buckets=%d: give every monitor of a prefix the same window settings",
+                settings.redis.prefix, other, mon.bucket_s, mon.window_buckets,
+            )
+    except Exception as exc:
+        log.warning("window layout not recorded in Redis: %s", exc)
     kafka_retry = functools.partial(kafka_retry_policy, kafka, wait=True, stop=stop)
     kafka_retry(
         lambda: ensure_topics(

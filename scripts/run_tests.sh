@@ -30,3 +30,14 @@ fi
 
 # Shared data: ../shared/data next to the repository (CI), else DLSR_TEST_DATA.
 "$PY" -m pytest -q "$@"
+
+# The same state on Redis Cluster: the stream, crash and replica tests (and the Redis unit tests) again, against
+# three local masters the fixtures start (tests/redis_cluster.py). `make test` asks for it (CLUSTER_PASS=1).
+if [ -n "${CLUSTER_PASS:-}" ]; then
+  echo "--- the Redis Cluster pass ---"
+  DLSR_TEST_REDIS_CLUSTER=1 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/common/test_keys.py tests/monitor/test_state.py tests/common/test_registry.py tests/common/test_hotswap.py \
+    tests/common/test_baseline.py tests/console/test_views.py \
+    tests/integration/test_monitor_stream.py tests/integration/test_monitor_crash.py \
+    tests/integration/test_monitor_replicas.py
+fi

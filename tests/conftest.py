@@ -35,12 +35,44 @@ def tansu() -> Iterator[str]:
         broker.stop()
 
 
+#: DLSR_TEST_REDIS_CLUSTER=1: the Redis fixtures are a real local Redis Cluster (three masters), clients are
+#: `RedisCluster` and keys are hash-tagged, as in a deployment with DLSR_REDIS__CLUSTER=true.
+CLUSTER = os.environ.get("DLSR_TEST_REDIS_CLUSTER", "") not in ("", "0")
+
+
+def _client(url: str, **kwargs):
+    import redis
+    from redis.cluster import RedisCluster
+
+    return RedisCluster.from_url(url, **kwargs) if CLUSTER else redis.Redis.from_url(url, **kwargs)
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_cluster(tmp_path_factory) -> Iterator[str | None]:
+    """The local Redis Cluster's URL when CLUSTER, else None; fails (never skips) when it cannot start."""
+    if not CLUSTER:
+        yield None
+        return
+    from tests.redis_cluster import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except Exception as exc:
+        cluster.stop()
+        pytest.fail(f"cannot start a local Redis Cluster: {exc}", pytrace=False)
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_cluster) -> str:
     """URL of the Redis the tests use (DLSR_TEST_REDIS_URL, default the local one); fails when unreachable."""
     from dlsr_monitor.demo.embedded import redis_reachable
 
-    url = os.environ.get("DLSR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = redis_cluster or os.environ.get("DLSR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     if not redis_reachable(url, 2.0):
         pytest.fail(
             f"Redis at {url} is unreachable: start redis-server or set DLSR_TEST_REDIS_URL", pytrace=False
@@ -50,10 +82,8 @@ def redis_url() -> str:
 
 @pytest.fixture
 def redis_client(redis_url):
-    """A `redis.Redis` client on the test Redis."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+    """A `redis.Redis` client on the test Redis (`RedisCluster` in cluster mode)."""
+    client = _client(redis_url)
     try:
         yield client
     finally:
@@ -71,7 +101,7 @@ def keys(prefix, redis_client):
     """`common.keys.Keys` under the test's own prefix; every key under it is deleted afterwards."""
     from dlsr_monitor.common.keys import Keys
 
-    k = Keys(prefix)
+    k = Keys(prefix, cluster=CLUSTER)
     try:
         yield k
     finally:
@@ -82,9 +112,7 @@ def keys(prefix, redis_client):
 @pytest.fixture
 def rkeys(redis_url, keys):
     """`(client, keys)`: a client with str replies on the test Redis and the test's own key prefix."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = _client(redis_url, decode_responses=True)
     try:
         yield client, keys
     finally:
@@ -142,7 +170,7 @@ def test_settings(tansu, redis_url, prefix, topics, tmp_path):
             "connect_retries": 2,
             "retry_backoff_s": 0.2,
         },
-        redis={"url": redis_url, "prefix": prefix, "connect_retries": 2, "retry_backoff_s": 0.2},
+        redis={"url": redis_url, "prefix": prefix, "connect_retries": 2, "retry_backoff_s": 0.2, "cluster": CLUSTER},
         model={"artifact_store": tmp_path / "artifacts", "input_size": 128, "device": "cpu"},
     )
 

@@ -225,7 +225,7 @@ def build_service(
 
     tr, model = settings.trainer, settings.model
     redis = connect_redis(settings.redis, wait=wait)
-    keys = Keys(settings.redis.prefix)
+    keys = Keys.of(settings.redis)
     registry = Registry(redis, keys, model.artifact_store)
     store = VettedStore(tr.workdir)
     ops = ops or DlsrOps(model, tr.detector, tr.refit_epochs)

@@ -163,6 +163,7 @@ class MonitorProcess:
                 "DLSR_KAFKA__TOPIC_PARTITIONS": str(k.topic_partitions),
                 "DLSR_REDIS__URL": r.url,
                 "DLSR_REDIS__PREFIX": r.prefix,
+                "DLSR_REDIS__CLUSTER": str(r.cluster).lower(),
                 "DLSR_MODEL__ARTIFACT_STORE": str(m.artifact_store),
                 "DLSR_MODEL__DEVICE": "cpu",
                 "DLSR_MONITOR__INSTANCE_ID": instance,
