@@ -150,6 +150,11 @@ class Keys:
         post time; entries older than `notify.dedupe_ttl_s` are trimmed and the key expires with them."""
         return self._k("notify", "posted", webhook_id)
 
+    def epoch(self) -> str:
+        """String: a random id set once when this deployment's state is first written; its absence later means
+        Redis lost the state (restarted without persistence, flushed)."""
+        return self._k("epoch")
+
     def all_pattern(self) -> str:
         """Glob for every key under this prefix (tests use it to clean up)."""
         return f"{self.head}:*"

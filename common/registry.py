@@ -9,8 +9,10 @@ caller expects, so two writers can never silently overwrite each other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,6 +27,7 @@ from dlsr_monitor.common.keys import Keys
 if TYPE_CHECKING:
     import redis
 
+log = logging.getLogger(__name__)
 ANY = object()
 """Sentinel for `expected=`: move the pointer whatever it currently is (still atomic, no check)."""
 
@@ -32,6 +35,10 @@ MAX_PREVIOUS = 50
 """Longest rollback history kept in Redis."""
 
 REJECTED_DIR = "rejected"
+#: Written next to the artifacts so a registry lost with Redis can be rebuilt (`Registry.recover`): every entry
+#: as a JSON line, and which version was live.
+JOURNAL = "registry.jsonl"
+LIVE = "LIVE.json"
 """Sub-directory of the store where candidates that failed a gate are kept for inspection."""
 
 
@@ -343,7 +350,66 @@ class Registry:
         for k, v in fields.items():
             argv += [k, v]
         version = _s(self._register(keys=[self.keys.model_versions()], args=argv))
-        return self.entry(str(version))
+        entry = self.entry(str(version))
+        self._journal(entry)
+        return entry
+
+    # ---- what survives a Redis that lost its state ------------------------------------------------------
+    def _journal(self, entry: ModelEntry) -> None:
+        line = json.dumps(entry.as_dict(), sort_keys=True, default=str) + "\n"
+        try:
+            with open(self.store_root / JOURNAL, "a", encoding="utf-8") as f:
+                f.write(line)  # one write of one line: appends from several trainers do not interleave
+        except OSError as exc:  # the registry itself is in Redis; the journal only helps recovery
+            log.warning("cannot append to the registry journal: %s", exc)
+
+    def _mark_live(self, entry: ModelEntry) -> None:
+        tmp = self.store_root / f".{LIVE}.{uuid.uuid4().hex}"
+        try:
+            tmp.write_text(json.dumps({"version": entry.version, "sha256": entry.sha256, "at": time.time()}))
+            os.replace(tmp, self.store_root / LIVE)
+        except OSError as exc:
+            log.warning("cannot record the live version in the store: %s", exc)
+
+    def ensure_epoch(self) -> bool:
+        """Set this deployment's epoch key if it is missing; True when it was missing (a new or wiped Redis)."""
+        return bool(self.redis.set(self.keys.epoch(), uuid.uuid4().hex, nx=True))
+
+    def recover(self) -> str | None:
+        """Rebuild a registry Redis lost from the store's journal, and make the last live version live again.
+
+        Only when Redis has no registry at all (nothing is overwritten). Returns the version made live, or None.
+        """
+        journal = self.store_root / JOURNAL
+        if self.redis.zcard(self.keys.model_versions()) or not journal.is_file():
+            return None
+        entries = []
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(ModelEntry(**{k: v for k, v in json.loads(line).items() if k != "version"},
+                                          version=""))
+            except (ValueError, TypeError):
+                continue  # a torn last line: skip it
+        restored: dict[str, str] = {}
+        for e in entries:
+            if not self.artifact_path(e).is_dir():
+                continue  # the artifact itself is gone: nothing to serve
+            fields = e.to_hash()
+            fields.pop("version")
+            argv: list[str] = [self.keys.model_entry(""), repr(e.created)]
+            for k, v in fields.items():
+                argv += [k, v]
+            restored[e.sha256] = str(_s(self._register(keys=[self.keys.model_versions()], args=argv)))
+        live = None
+        with contextlib.suppress(OSError, ValueError):
+            live = json.loads((self.store_root / LIVE).read_text()).get("sha256")
+        version = restored.get(live) if live else None
+        if version is None and restored:
+            version = list(restored.values())[-1]  # no record of the live one: the newest
+        if version is not None:
+            self.promote(version)
+        log.warning("registry rebuilt from %s: %d version(s), %s live", journal, len(restored), version)
+        return version
 
     def publish(
         self,
@@ -390,7 +456,9 @@ class Registry:
             raise VersionNotFoundError(f"model version {version!r} is not registered (see 'dlsr model list')")
         if status == "conflict":
             raise PointerConflictError(exp or None, cur)
-        return self.entry(version)
+        entry = self.entry(version)
+        self._mark_live(entry)
+        return entry
 
     def rollback(self, *, expected: str | None | object = ANY) -> ModelEntry:
         """Return to the previous live version; returns its entry."""
@@ -404,7 +472,9 @@ class Registry:
                 f"no earlier version to roll back to (current is {_s(res[1]) or 'none'}); "
                 "use 'dlsr model promote VERSION' to pick one"
             )
-        return self.entry(str(_s(res[1])))
+        entry = self.entry(str(_s(res[1])))
+        self._mark_live(entry)
+        return entry
 
     def record_forced(self, version: str, *, by: str, action: str, problems: list[str]) -> None:
         """Note on the entry that an operator made it live past the model checks (who, when, what was wrong)."""

@@ -510,7 +510,7 @@ def run_notify(
     notifier = Notifier(
         source=source,
         sink=sink,
-        posted=PostedSet(client, Keys(settings.redis.prefix), notify.dedupe_ttl_s),
+        posted=PostedSet(client, Keys.of(settings.redis), notify.dedupe_ttl_s),
         webhooks=hooks,
         flt=flt or AlertFilter(),
         payload=payload or notify.payload,

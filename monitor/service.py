@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from dlsr.calibration import p_values
+from dlsr.evidence import shift_of, stage_p_values
 from dlsr.images import decoded_bytes
 from dlsr_monitor.common.connections import (
     Abandoned,
@@ -57,6 +58,7 @@ from dlsr_monitor.common.kafka_io import KafkaSink, KafkaSource, ensure_topics
 from dlsr_monitor.common.keys import Keys
 from dlsr_monitor.common.model_checks import load_checked
 from dlsr_monitor.common.observability import Health, MonitorMetrics, serve
+from dlsr_monitor.common.registry import Registry
 from dlsr_monitor.common.streams import Headers, Message, Sink, SinkError, Source
 from dlsr_monitor.monitor.batching import collect_batch
 from dlsr_monitor.monitor.budget import ByteBudget
@@ -132,6 +134,8 @@ class Scored:
     p_values: np.ndarray  # (len(good),) float64, NaN without calibration scores
     threshold: float
     seconds: float = 0.0  # model time
+    # (len(good), S) per-stage p-values against the artifact's stage calibration; None when the model has none
+    stage_p_values: np.ndarray | None = None
 
 
 @dataclass
@@ -224,6 +228,10 @@ def _route_one(
     is_ood = bool(score > scored.threshold)
     pval = float(scored.p_values[j]) if math.isfinite(scored.p_values[j]) else 1.0
     latency = (now - m.timestamp_ms / 1000.0) * 1000.0 if m.timestamp_ms else 0.0
+    evidence: dict[str, Any] = {}  # per-stage p-values and the shift they point to, when the model has them
+    if scored.stage_p_values is not None:
+        row = scored.stage_p_values[j]
+        evidence = {"layers": [float(f"{p:.4g}") for p in row], "shift": shift_of(row, float(handle.alpha))}
     facts = dict(  # what the score record and the OOD alert both say about the image
         image_id=meta.image_id,
         source=meta.source,
@@ -235,6 +243,7 @@ def _route_one(
         threshold=scored.threshold,
         p_value=pval,
         model_version=handle.version,
+        **evidence,
     )
     rec = ScoreRecord(
         **facts, is_ood=is_ood, latency_ms=max(0.0, latency), instance=instance,
@@ -280,6 +289,7 @@ class MonitorService:
         outages: dict[str, OutagePolicy] | None = None,
         metrics: MonitorMetrics | None = None,
         health: Health | None = None,
+        check_state: Callable[[], None] | None = None,
     ) -> None:
         if decode is None or decode_error is None:
             from dlsr.images import ImageDecodeError, decode_image
@@ -302,6 +312,7 @@ class MonitorService:
         self._beat_count = 0
         self._last_version: str | None = None
         self.outages = outages or {}
+        self.check_state = check_state  # called with each heartbeat: notices a Redis that lost its state
         self.metrics = metrics or MonitorMetrics()
         self.health = health or Health()
         self.health.set("model", False)
@@ -310,6 +321,7 @@ class MonitorService:
         self.ready = True  # False while an outage is waited out
         self._stop: threading.Event | None = None
         self._beat_failing = False
+        self._no_stage_p: set[str] = set()  # versions whose per-stage p-values failed (logged once each)
 
     # ---- model events (called from the watcher thread) ---------------------------------------------
     def on_model_event(self, event: ModelEvent) -> None:
@@ -455,19 +467,43 @@ class MonitorService:
         self._heartbeat(force=True)  # best effort: the dashboard sees `ready` (when Redis itself is up)
 
     def _score(self, prep: _Prepared) -> Scored:
-        """Scores and p-values of the decodable images, with the threshold in force for this model."""
+        """Scores and p-values of the decodable images, with the threshold in force for this model; per-stage
+        p-values too when the model has per-stage calibration (from the same encoder pass)."""
         threshold, cal = self._threshold(prep.handle)
-        scores, seconds = np.empty(0), 0.0
+        detector = prep.handle.detector
+        stage_cal = getattr(detector, "stage_calibration_scores", None)
+        scores, stage_scores, seconds = np.empty(0), None, 0.0
         if prep.good:
             t0 = time.perf_counter()
-            scores = np.asarray(prep.handle.detector.score_pixels(prep.pixels), dtype=np.float64).reshape(-1)
+            if stage_cal is not None:
+                scores, stage_scores = detector.score_pixels(prep.pixels, stages=True)
+            else:
+                scores = detector.score_pixels(prep.pixels)
+            scores = np.asarray(scores, dtype=np.float64).reshape(-1)
             seconds = time.perf_counter() - t0
             self.stats.score_s += seconds
         if cal is not None and len(cal) and scores.size:
             pvals = np.asarray(p_values(np.asarray(cal), scores), dtype=np.float64)
         else:
             pvals = np.full(scores.shape, float("nan"))
-        return Scored(scores, pvals, threshold, seconds)
+        return Scored(scores, pvals, threshold, seconds, self._stage_p_values(prep, stage_cal, stage_scores))
+
+    def _stage_p_values(self, prep: _Prepared, stage_cal: Any, stage_scores: Any) -> np.ndarray | None:
+        """(N, S) per-stage p-values, or None: the records then simply carry no `layers` / `shift` (evidence
+        that cannot be computed never costs a score)."""
+        if stage_cal is None or stage_scores is None:
+            return None
+        try:
+            out = stage_p_values(stage_cal, stage_scores)
+            if out.shape[0] != len(prep.good):
+                raise ValueError(f"{out.shape[0]} rows of per-stage scores for {len(prep.good)} images")
+            return out
+        except Exception as exc:  # a broken stage calibration must not stop scoring
+            if prep.handle.version not in self._no_stage_p:
+                self._no_stage_p.add(prep.handle.version)
+                log.warning("model %s: no per-stage p-values (%s); records go without layers/shift",
+                            prep.handle.version, exc)
+            return None
 
     def _apply(self, routed: Routed, handle: ModelHandle) -> list[DriftAlert]:
         """The batch's only Redis effects: window counters exactly once per input offset, then drift from the
@@ -562,6 +598,8 @@ class MonitorService:
         rate = (self.stats.messages - self._beat_count) / dt if dt > 0 else 0.0
         handle = self.current_model()
         try:
+            if self.check_state is not None:
+                self.check_state()
             self.state.heartbeat(
                 self.instance,
                 model_version=handle.version if handle else None,
@@ -709,6 +747,19 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
         return RunStats()
     keys = Keys.of(settings.redis)
     state = MonitorState.from_settings(redis_client, keys, mon)
+    registry = Registry(redis_client, keys, settings.model.artifact_store)
+
+    def check_state() -> None:
+        if registry.ensure_epoch():  # no epoch key: a new deployment, or a Redis that lost everything
+            version = registry.recover()
+            if version is not None:
+                log.critical(
+                    "Redis held no state for prefix %r (restarted without persistence, or flushed): the registry "
+                    "was rebuilt from the artifact store and %s is live again; windows, drift state and baseline "
+                    "reservoirs start empty. Run Redis with persistence (appendonly yes).", keys.prefix, version,
+                )
+
+    check_state()
     try:  # best effort: readers fall back to their own bucket_s without it
         if (other := state.record_layout(mon.instance_id)) is not None:
             log.warning(
@@ -767,6 +818,7 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
             outages={"Redis": OutagePolicy.of(settings.redis), "Kafka": OutagePolicy.of(kafka)},
             metrics=metrics,
             health=health,
+            check_state=check_state,
         )
         log.info("monitor %s consuming %s as group %s", mon.instance_id, kafka.input_topic, kafka.group_id)
         stats = service.run(stop)

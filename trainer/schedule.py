@@ -227,6 +227,9 @@ def build_service(
     redis = connect_redis(settings.redis, wait=wait)
     keys = Keys.of(settings.redis)
     registry = Registry(redis, keys, model.artifact_store)
+    if registry.ensure_epoch() and (version := registry.recover()) is not None:
+        log.critical("Redis held no state for prefix %r: registry rebuilt from the artifact store, %s live",
+                     keys.prefix, version)
     store = VettedStore(tr.workdir)
     ops = ops or DlsrOps(model, tr.detector, tr.refit_epochs)
     reservoir = BaselineReservoir(redis, keys, max_size=tr.baseline_max)

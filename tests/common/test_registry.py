@@ -142,3 +142,21 @@ def test_keep_rejected_moves_candidate_aside(reg, tmp_path):
     kept = reg.keep_rejected(src, "job-1")
     assert kept == reg.store_root / "rejected" / "job-1"
     assert (kept / "weights.safetensors").read_bytes() == b"bad" and not src.exists()
+
+
+def test_a_registry_lost_with_redis_is_rebuilt_from_the_store(rkeys, tmp_path):
+    client, keys = rkeys
+    reg = Registry(client, keys, tmp_path / "store")
+    assert reg.ensure_epoch() and not reg.ensure_epoch()  # set once; present afterwards
+    reg.publish(make_artifact(tmp_path, "a", b"one"), threshold=1.0, alpha=0.01)
+    reg.publish(make_artifact(tmp_path, "b", b"two"), threshold=2.0, alpha=0.02)
+    reg.rollback()  # v1 is live again
+    before = {e.version: (e.sha256, e.threshold, e.alpha) for e in reg.list_versions()}
+    for name in client.scan_iter(keys.all_pattern()):  # what a Redis restarted without persistence holds
+        client.delete(name)
+    assert reg.current_version() is None
+    assert reg.ensure_epoch()  # the epoch is gone: the state was wiped
+    assert reg.recover() == "v1"
+    assert {e.version: (e.sha256, e.threshold, e.alpha) for e in reg.list_versions()} == before
+    assert reg.current_version() == "v1"
+    assert reg.recover() is None  # never over an existing registry
