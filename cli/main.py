@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from dlsr_monitor.cli import bench_cmd, config_cmd, monitor_cmd, notify_cmd, ops_cmd, trainer_cmd
+from dlsr_monitor.cli import bench_cmd, config_cmd, monitor_cmd, notify_cmd, ops_cmd, trainer_cmd, triage_cmd
 from dlsr_monitor.config import ConfigFileError, Settings, StartupError, load_settings, settings_error_lines
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         trainer_cmd.register,
         bench_cmd.register,
         config_cmd.register,
+        triage_cmd.register,
     ):
         register(sub)
     for leaf in _leaves(parser):
@@ -78,12 +79,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr: {exc}", file=sys.stderr)
         return 2
     try:
-        return int(args.handler(args, settings) or 0)
+        rc = int(args.handler(args, settings) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at interpreter exit
+        return rc
+    except BrokenPipeError:  # `dlsr config show | head`: the reader has all it wanted
+        _drop_stdout()
+        return 0
     except StartupError as exc:
         print(f"dlsr: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail on the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests): nothing to flush there
+        pass
 
 
 if __name__ == "__main__":

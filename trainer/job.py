@@ -25,6 +25,7 @@ from dlsr_monitor.trainer import gates as G
 from dlsr_monitor.trainer.history import CONFLICT, FAILED, PROMOTED, REJECTED, JobHistory, JobRecord
 from dlsr_monitor.trainer.intake import VettedStore, split_entries
 from dlsr_monitor.trainer.lock import JobLock
+from dlsr_monitor.trainer.reference_ood import reference_ood_images
 
 if TYPE_CHECKING:
     import redis
@@ -223,12 +224,12 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
     else:
         threshold = float("nan")  # the finite gate fails below; calibrating on NaN would only raise here
     ood_scores = None
-    if cfg.reference_ood is not None:
-        from dlsr.readers import open_images
-
-        ood_feats = ctx.ops.features(
-            open_images(cfg.reference_ood, limit=cfg.reference_ood_limit), progress=progress
-        )
+    # The configured reference OOD set plus the images operators confirmed as OOD (`dlsr vet reject`).
+    ood_images = reference_ood_images(
+        cfg.reference_ood, getattr(ctx.store, "root", None), limit=cfg.reference_ood_limit
+    )
+    if ood_images is not None:
+        ood_feats = ctx.ops.features(ood_images, progress=progress)
         ood_scores = np.asarray(det.score(ood_feats), dtype=np.float64)
     t = _timed(rec, "score_s", t)
 
