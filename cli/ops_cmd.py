@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     alerts = sub.add_parser(
         "alerts",
-        help="Follow dlsr.alerts with filters; human lines or --json",
+        usage="%(prog)s [--source NAME] [--kind KIND] [--min-severity LEVEL] [--json]\n"
+        "                   [--from-beginning | --since WHEN] [--group GROUP] [--max N] [--timeout S]\n"
+        "       %(prog)s ack SOURCE [--note NOTE] [--by NAME]",
+        help="Follow dlsr.alerts with filters; human lines or --json (`ack SOURCE` acknowledges a drift)",
         description="Follow the alerts topic. Each run joins its own consumer group (a fresh id), so every "
         "subscriber sees every alert. Severity: ood=warning, drift raised=critical, drift cleared=info, "
         "model live=info, model load_failed=critical.",
@@ -57,15 +60,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     alerts.add_argument(
         "--json", action="store_true", help="One JSON object per line (with a severity field)"
     )
-    alerts.add_argument(
+    start = alerts.add_mutually_exclusive_group()
+    start.add_argument(
         "--from-beginning", action="store_true", help="Replay the topic from its first alert, then follow"
+    )
+    start.add_argument(
+        "--since",
+        type=_since,
+        default=None,
+        metavar="WHEN",
+        help="Replay from this time, then follow: a duration back (90s, 15m, 2h, 1d) or an ISO time "
+        "(2025-06-01T12:00, UTC unless it has an offset)",
     )
     alerts.add_argument("--group", default=None, help="Consumer group id (default: a fresh one per run)")
     alerts.add_argument("--max", type=int, default=None, metavar="N", help="Exit after printing N alerts")
     alerts.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="Exit after S seconds without a new alert"
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Exit after S seconds without an alert that passes the filters",
     )
-    alerts.set_defaults(handler=_alerts)
+    alerts.set_defaults(handler=_alerts, _prog=alerts.prog)
+    # `dlsr alerts ack SOURCE`: an optional sub-action, so every `dlsr alerts --source ... --json` still works.
+    asub = alerts.add_subparsers(dest="alerts_command", required=False, metavar="{ack}", prog=alerts.prog)
+    ack = asub.add_parser(
+        "ack",
+        help="Acknowledge a source's raised drift: who, when, a note (shown on the dashboard)",
+        description="Record who acknowledged SOURCE's raised drift and when (Redis). The dashboard's drift panel "
+        "shows it beside the raise; once the drift clears the acknowledgement lapses, and a later raise needs a "
+        "new one. Fails (exit 1) when SOURCE's drift is not raised.",
+    )
+    ack.add_argument("source", metavar="SOURCE", help="The source whose raised drift you acknowledge")
+    ack.add_argument("--note", default="", help="What you are doing about it (shown on the dashboard)")
+    ack.add_argument("--by", default=None, help="Who acknowledges (default: the OS user)")
+    ack.set_defaults(handler=_alerts_ack)
 
     demo = sub.add_parser(
         "demo",
@@ -122,10 +151,47 @@ def _alerts(args: argparse.Namespace, settings) -> int:
         flt,
         as_json=args.json,
         from_beginning=args.from_beginning,
+        since=args.since,
         group_id=args.group,
         max_alerts=args.max,
         idle_timeout_s=args.timeout,
     )
+
+
+def _since(text: str) -> float:
+    from dlsr_monitor.console.subscriber import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:  # argparse turns it into one line naming the option
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--since {text!r} ")) from None
+
+
+def _alerts_ack(args: argparse.Namespace, settings) -> int:
+    import getpass
+    import sys
+    from datetime import UTC, datetime
+
+    from dlsr_monitor.common.connections import connect_redis
+    from dlsr_monitor.common.keys import Keys
+    from dlsr_monitor.console.ack import AckError, acknowledge
+
+    redis = connect_redis(settings.redis)
+    by = args.by or getpass.getuser()
+    try:
+        res = acknowledge(redis, Keys.of(settings.redis), args.source, by=by, note=args.note)
+    except AckError as exc:
+        print(f"dlsr: error: {exc}", file=sys.stderr)
+        return 1
+    since = (
+        datetime.fromtimestamp(res.since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if res.since else "an unknown time"
+    )
+    again = f" (replaces {res.replaced.by}'s)" if res.replaced is not None else ""
+    print(
+        f"acknowledged drift #{res.seq} on {res.source}, raised since {since}, by {by}{again}"
+        + (f": {args.note}" if args.note else "")
+    )
+    return 0
 
 
 def _demo(args: argparse.Namespace, settings) -> int:

@@ -175,12 +175,37 @@ def _fit(args: argparse.Namespace, settings: Settings) -> int:
 def _trigger(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.common.connections import connect_redis
     from dlsr_monitor.common.keys import Keys
-    from dlsr_monitor.trainer.schedule import request_run
+    from dlsr_monitor.console.views import StateView
+    from dlsr_monitor.trainer.schedule import HEARTBEAT_TTL_S, request_run
 
     redis = connect_redis(settings.redis)
-    request_run(redis, Keys.of(settings.redis), by="cli")
-    print("job requested: the trainer service starts it within trainer.poll_s (see `dlsr jobs`)")
+    keys = Keys.of(settings.redis)
+    request_run(redis, keys, by="cli")
+    view = StateView(redis, keys)
+    alive = sorted(view.read_trainer_heartbeats(), key=lambda b: str(b.get("owner")))
+    print(trigger_outcome(alive, view.read_trainer_lock(), HEARTBEAT_TTL_S))
     return 0
+
+
+def trigger_outcome(alive: list[dict], holder: str | None, ttl_s: float) -> str:
+    """What `dlsr trainer trigger` tells the operator will happen to the request it left in Redis."""
+    if not alive:
+        line = (
+            f"job requested, but no trainer is alive (no heartbeat in the last {ttl_s:g} s): the request waits in "
+            "Redis until `dlsr trainer run` starts"
+        )
+        if holder:
+            line += f" (a job holds the lock now: {holder}, e.g. `dlsr trainer fit`; it does not take requests)"
+        return line
+    names = ", ".join(str(b.get("owner")) for b in alive)
+    if holder:
+        return (
+            f"job requested: a job is running now ({holder}); trainer {names} starts the requested one when it "
+            "ends (see `dlsr jobs`)"
+        )
+    polls = [float(b["poll_s"]) for b in alive if isinstance(b.get("poll_s"), int | float)]
+    within = f"within {min(polls):g} s" if polls else "at its next check"
+    return f"job requested: trainer {names} is alive and starts it {within} (see `dlsr jobs`)"
 
 
 # ---- model -----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -10,7 +11,8 @@ class StartupError(RuntimeError):
 
 
 class ConfigFileError(ValueError):
-    """The TOML settings file is missing or malformed; the message names the file and the fix."""
+    """The TOML settings file is missing or malformed (or a value no settings source can read); the message
+    names the file or the setting and the fix."""
 
 
 _ENV_PREFIX = "DLSR_"
@@ -55,6 +57,8 @@ def settings_error_lines(exc: Exception, model: Any = None) -> list[str]:
         env = _ENV_PREFIX + "__".join(p.upper() for p in parts) if parts else "DLSR_<SECTION>__<FIELD>"
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         given = err.get("input")
+        if err.get("type") in _JSON_KINDS and isinstance(given, str):
+            msg = _json_hint(given, _JSON_KINDS[err["type"]])
         got = ""
         secret = any(w in field for w in ("password", "secret", "token"))
         if (
@@ -69,5 +73,36 @@ def settings_error_lines(exc: Exception, model: Any = None) -> list[str]:
                 if known
                 else "unknown setting (see `dlsr config show`)"
             )
-        lines.append(f"invalid setting {field} (env {env}){got}: {msg}")
+        origin = getattr(model, "setting_origin", None)
+        source = origin(parts) if callable(origin) else None
+        if source:  # the value came from the TOML file: name the file and the key, not an env var
+            lines.append(f"{source}: {field}{got}: {msg}")
+        else:
+            lines.append(f"invalid setting {field} (env {env}){got}: {msg}")
     return lines or [f"invalid settings: {exc}"]
+
+
+# pydantic error types of values that must be JSON in an env var -> what kind of JSON
+_JSON_KINDS = {"list_type": "list", "tuple_type": "list", "set_type": "list", "frozen_set_type": "list",
+               "dict_type": "object", "model_type": "object", "model_attributes_type": "object"}  # fmt: skip
+
+
+def _json_hint(given: str, kind: str) -> str:
+    """'not a JSON list; write it as [1, 2]': the value the user meant, as JSON, when it can be guessed."""
+    import json
+
+    items = [x.strip() for x in given.strip().strip("[]{}()").split(",") if x.strip()]
+
+    def scalar(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text.strip("'\"")
+
+    example: Any
+    if kind == "list":
+        example = [scalar(x) for x in items] or [1, 2]
+    else:
+        pairs = [re.split(r"\s*[=:]\s*", x, maxsplit=1) for x in items]
+        example = {p[0].strip("'\""): scalar(p[1]) for p in pairs if len(p) == 2} or {"key": 1}
+    return f"not a JSON {kind}; write it as '{json.dumps(example)}'"

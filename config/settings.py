@@ -209,6 +209,18 @@ class ModelSettings(BaseModel):
         description="Encoder precision the trainer fits with (auto: bf16 on CUDA, fp32 on CPU; bf16 is ~2x "
         "faster on CPUs with AVX512-BF16/AMX). A model is always scored in the precision it was fitted in",
     )
+    runtime: Literal["torch", "openvino", "onnxruntime"] = Field(
+        "torch",
+        description="What runs the encoder's backbone: torch (eager) or a CPU runtime (openvino, onnxruntime; "
+        "pip install 'dlsr-monitor[cpu-runtimes]'), exported once into export_cache. A model is scored in the "
+        "runtime it was calibrated with: the monitor refuses one calibrated with another",
+    )
+    runtime_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of a CPU runtime (default: torch's, i.e. the physical cores)"
+    )
+    runtime_streams: int = Field(
+        1, ge=1, description="OpenVINO inference requests run in parallel on one batch (throughput mode)"
+    )
     batch_size: int = Field(64, ge=1, description="Images per encoder/scorer batch")
     score: Literal["mse", "mfsim5", "mfsim4"] = Field(
         "mfsim4",
@@ -225,6 +237,9 @@ class ModelSettings(BaseModel):
     )
     feature_cache: Path = Field(
         Path(".cache/dlsr/features"), description="Directory of cached encoder features"
+    )
+    export_cache: Path = Field(
+        Path(".cache/dlsr/exports"), description="Directory of the encoder exports the CPU runtimes run"
     )
     # --- DLSR detector (dlsr.DLSRDetector); defaults are the paper's (docs/METHOD.md section 2) ----------
     t: int = Field(
@@ -276,6 +291,21 @@ class ModelSettings(BaseModel):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip()):
             raise ValueError("must be auto (CUDA when present), cpu, cuda or cuda:N (e.g. cuda:1)")
         return value.strip()
+
+    def encoder_kwargs(self) -> dict:
+        """Keyword arguments for `dlsr.encoder.Encoder.create(**kwargs)` from these settings (device as given)."""
+        return {
+            "name": self.encoder,
+            "weights": self.encoder_weights,
+            "stages": tuple(self.stages),
+            "input_size": self.input_size,
+            "device": self.device,
+            "precision": self.precision,
+            "runtime": self.runtime,
+            "threads": self.runtime_threads,
+            "streams": self.runtime_streams,
+            "export_dir": self.export_cache,
+        }
 
     def detector_kwargs(self) -> dict:
         """Keyword arguments for `dlsr.DLSRDetector(encoder, device=..., **kwargs)` from these settings."""

@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dlsr_monitor.common.keys import Keys
-from dlsr_monitor.console.views import StateView, WindowBucket
+from dlsr_monitor.console.views import RaisedDrift, StateView, WindowBucket
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 #: Window over which the "now" rates are computed (seconds).
@@ -79,6 +79,10 @@ class Snapshot:
     alerts: tuple[dict, ...] = ()
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    prefix: str = ""  # the Redis key prefix read (a dashboard on another prefix shows another deployment)
+    bucket_s: int | None = None  # window bucket width read with
+    bucket_recorded: bool = False  # True: the monitors' recorded width; False: this machine's setting
+    drifts: tuple[RaisedDrift, ...] = ()  # every raised drift, with its acknowledgement (own panel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,6 +153,7 @@ def read_snapshot(
     history_s: float = 3600.0,
     alerts_shown: int = 8,
     redis_url: str = "",
+    prefix: str = "",
 ) -> Snapshot:
     """Read one frame's worth of state from Redis through `StateView`."""
     now = time.time() if now is None else now
@@ -164,7 +169,8 @@ def read_snapshot(
         alpha = _finite(base.get("alpha")) or _finite(model.get("alpha"))
 
     sources = []
-    for summary in state.read_sources():
+    summaries = state.read_sources()
+    for summary in summaries:
         if now - summary.last_ts > history_s:
             continue
         buckets = state.read_window(summary.source, now - history_s, now)
@@ -199,6 +205,10 @@ def read_snapshot(
         sources=tuple(sources),
         monitors=tuple(monitors),
         alerts=tuple(alerts),
+        prefix=prefix or state.keys.prefix,
+        bucket_s=state.bucket_s,
+        bucket_recorded=state.bucket_recorded,
+        drifts=tuple(state.read_raised_drifts(summaries)),
     )
 
 
@@ -291,7 +301,11 @@ def render(snap: Snapshot, width: int = 120) -> RenderableType:
     now_txt = datetime.fromtimestamp(snap.taken_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     head = Text()
     head.append("DLSR Monitor", style="bold")
-    head.append(f"  {now_txt}  redis {snap.redis_url}\n")
+    head.append(f"  {now_txt}  redis {snap.redis_url}  prefix ")
+    head.append(snap.prefix or "-", style="bold")
+    if snap.bucket_s:
+        head.append(f"  buckets {snap.bucket_s}s" + ("" if snap.bucket_recorded else " (local setting)"))
+    head.append("\n")
     head.append("model ")
     head.append(snap.model_version or "none", style="bold green" if snap.model_version else "bold red")
     head.append("  threshold ")
@@ -359,7 +373,47 @@ def render(snap: Snapshot, width: int = 120) -> RenderableType:
     ] or [Text("(no alerts yet)", style="dim")]
     alerts = Panel(Group(*lines), title="Last alerts", title_align="left", box=box.SQUARE)
     footer = Text("q or Ctrl-C quits", style="dim")
-    return Group(head, src, mon, alerts, footer)
+    return Group(head, drift_panel(snap), src, mon, alerts, footer)
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def drift_line(d: RaisedDrift, now: float) -> Text:
+    """One line per raised drift: source, raised since (and how long ago), the window, the acknowledgement."""
+    line = Text(no_wrap=True, overflow="ellipsis")
+    line.append(d.source, style="bold red")
+    if d.since is not None:
+        when = datetime.fromtimestamp(d.since, UTC).strftime("%H:%M:%S")
+        line.append(f"  raised since {when} UTC ({_ago(now - d.since)} ago)")
+    else:
+        line.append("  raised since ?")
+    if d.images:
+        line.append(f"  {d.ood}/{d.images} OOD")
+        if d.rate is not None and d.null_rate is not None:
+            line.append(f" = {100 * d.rate:.1f}% vs {100 * d.null_rate:.1f}%")
+    if d.ack is not None:
+        at = datetime.fromtimestamp(d.ack.at, UTC).strftime("%H:%M")
+        line.append(f"  ack {d.ack.by} {at}", style="green")
+        if d.ack.note:
+            line.append(f": {d.ack.note}", style="green")
+    else:
+        line.append(f"  not acknowledged (dlsr alerts ack {d.source})", style="yellow")
+    return line
+
+
+def drift_panel(snap: Snapshot) -> Panel:
+    """Raised drift in a panel of its own, from the drift states (not the alert list): no number of OOD
+    alerts can push it off the screen, and it empties only when the drift clears."""
+    if not snap.drifts:
+        body: RenderableType = Text("(no raised drift)", style="dim")
+        return Panel(body, title="Raised drift", title_align="left", box=box.SQUARE, border_style="dim")
+    open_ = sum(1 for d in snap.drifts if d.ack is None)
+    body = Group(*(drift_line(d, snap.taken_at) for d in snap.drifts))
+    title = f"Raised drift: {len(snap.drifts)}" + (f", {open_} not acknowledged" if open_ else ", all acknowledged")
+    return Panel(body, title=title, title_align="left", box=box.SQUARE, border_style="red" if open_ else "yellow")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -470,12 +524,15 @@ def run_dashboard(
     state = StateView.from_settings(client, Keys.of(settings.redis), settings.monitor)
     dash = settings.dashboard
     url = mask_url(settings.redis.url)
+    prefix = settings.redis.prefix
 
     def snapshot() -> Snapshot:
         try:
-            return read_snapshot(state, history_s=dash.history_s, alerts_shown=dash.alerts_shown, redis_url=url)
+            return read_snapshot(
+                state, history_s=dash.history_s, alerts_shown=dash.alerts_shown, redis_url=url, prefix=prefix
+            )
         except redis_lib.RedisError as exc:  # keep drawing; say what is wrong
-            return Snapshot(time.time(), url, None, None, None, error=f"Redis error: {exc}")
+            return Snapshot(time.time(), url, None, None, None, error=f"Redis error: {exc}", prefix=prefix)
 
     console = console or Console()
     if once:

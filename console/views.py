@@ -47,23 +47,73 @@ class SourceSummary:
     window: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DriftAck:
+    """Who acknowledged a source's raised drift (`dlsr alerts ack`), and which transition (`seq`)."""
+
+    seq: int
+    by: str
+    note: str
+    at: float
+
+
+@dataclass(frozen=True)
+class RaisedDrift:
+    """A source whose drift state is raised, with its acknowledgement when it is for this very raise."""
+
+    source: str
+    seq: int
+    since: float | None  # when it was raised (the window end of the raising evaluation)
+    images: int
+    ood: int
+    rate: float | None
+    null_rate: float | None
+    p_value: float | None
+    ack: DriftAck | None = None
+
+
 class StateView:
     """Reads of one deployment's state (`keys.prefix`).
 
     Args:
         redis: a `redis.Redis` client.
         keys: the key layout.
-        bucket_s: width of a window bucket in seconds (the monitor's setting).
+        bucket_s: width of a window bucket in seconds, used when no monitor recorded the one it writes with
+            (`Keys.window_layout`); a recorded width wins, so a reader with other settings reads the right buckets.
         window_ttl_s: bucket expiry (bounds `window_totals`).
     """
 
+    #: Seconds a read of the recorded window layout is reused.
+    LAYOUT_REFRESH_S = 5.0
+
     def __init__(self, redis: redis.Redis, keys: Keys, *, bucket_s: int = 60, window_ttl_s: int = 86400) -> None:
         self.redis, self.keys = redis, keys
-        self.bucket_s, self.window_ttl_s = int(bucket_s), int(window_ttl_s)
+        self.local_bucket_s, self.window_ttl_s = int(bucket_s), int(window_ttl_s)
+        self._layout: dict[str, int] = {}
+        self._layout_read = -math.inf
 
     @classmethod
     def from_settings(cls, redis: redis.Redis, keys: Keys, monitor: MonitorSettings) -> StateView:
         return cls(redis, keys, bucket_s=monitor.bucket_s, window_ttl_s=monitor.window_ttl_s)
+
+    def read_layout(self) -> dict[str, int]:
+        """The window layout the monitors recorded (bucket_s, window_buckets); empty when none did."""
+        now = time.monotonic()
+        if now - self._layout_read >= self.LAYOUT_REFRESH_S:
+            raw = {as_str(k): v for k, v in self.redis.hgetall(self.keys.window_layout()).items()}
+            self._layout = {k: as_int(raw.get(k)) for k in ("bucket_s", "window_buckets") if as_int(raw.get(k)) > 0}
+            self._layout_read = now
+        return self._layout
+
+    @property
+    def bucket_s(self) -> int:
+        """The bucket width the monitors write with (recorded in Redis), else the local setting."""
+        return self.read_layout().get("bucket_s") or self.local_bucket_s
+
+    @property
+    def bucket_recorded(self) -> bool:
+        """True when `bucket_s` comes from a monitor's record rather than the local setting."""
+        return "bucket_s" in self.read_layout()
 
     def bucket_of(self, ts: float) -> int:
         return int(math.floor(ts / self.bucket_s))
@@ -81,7 +131,8 @@ class StateView:
     def read_window(self, source: str, since: float, until: float | None = None) -> list[WindowBucket]:
         """Buckets of `source` from `since` to `until` (default now), oldest first; empty buckets included."""
         until = time.time() if until is None else until
-        first, last = self.bucket_of(since), self.bucket_of(until)
+        width = self.bucket_s
+        first, last = int(math.floor(since / width)), int(math.floor(until / width))
         if last - first > 10_000:
             first = last - 10_000
         pipe = self.redis.pipeline()
@@ -92,7 +143,7 @@ class StateView:
             h = {as_str(k): v for k, v in raw.items()}
             out.append(
                 WindowBucket(
-                    float(b * self.bucket_s),
+                    float(b * width),
                     as_int(h.get("images")),
                     as_int(h.get("ood")),
                     as_float(h.get("score_sum")),
@@ -126,6 +177,64 @@ class StateView:
             if raw.get(k):
                 out[k] = as_float(raw.get(k))
         return out
+
+    def read_drift_ack(self, source: str) -> DriftAck | None:
+        """The last acknowledgement of `source`'s drift, whatever transition it was for (None when none)."""
+        return _ack_of({as_str(k): as_str(v) for k, v in self.redis.hgetall(self.keys.drift_ack(source)).items()})
+
+    def read_raised_drifts(self, sources: list[SourceSummary] | None = None) -> list[RaisedDrift]:
+        """Every source whose drift state is raised (however long ago it last sent), oldest raise first, each
+        with its acknowledgement only when that acknowledged this raise (same drift `seq`): an ack of an earlier
+        raise that cleared meanwhile does not carry over."""
+        raised = [s for s in (self.read_sources() if sources is None else sources) if s.drift_state == "raised"]
+        if not raised:
+            return []
+        pipe = self.redis.pipeline()
+        for s in raised:
+            pipe.hgetall(self.keys.drift_ack(s.source))
+        out = []
+        for s, raw in zip(raised, pipe.execute(), strict=True):
+            d = s.window
+            ack = _ack_of({as_str(k): as_str(v) for k, v in raw.items()})
+            out.append(
+                RaisedDrift(
+                    source=s.source,
+                    seq=int(d.get("seq") or 0),
+                    since=d.get("since"),
+                    images=int(d.get("images") or 0),
+                    ood=int(d.get("ood") or 0),
+                    rate=d.get("rate"),
+                    null_rate=d.get("null_rate"),
+                    p_value=d.get("p_value"),
+                    ack=ack if ack is not None and ack.seq == int(d.get("seq") or 0) else None,
+                )
+            )
+        out.sort(key=lambda r: (r.since if r.since is not None else math.inf, r.source))
+        return out
+
+    def read_trainer_heartbeats(self) -> list[dict[str, Any]]:
+        """Running trainer services (`dlsr trainer run`) whose heartbeat has not expired; expired ones are
+        dropped from the index."""
+        import json
+
+        out = []
+        for name in self.redis.zrange(self.keys.trainer_heartbeats(), 0, -1):
+            owner = as_str(name) or ""
+            raw = self.redis.get(self.keys.trainer_heartbeat(owner))
+            if raw is None:
+                self.redis.zrem(self.keys.trainer_heartbeats(), owner)
+                continue
+            try:
+                beat = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(beat, dict):
+                out.append({**beat, "owner": owner})
+        return out
+
+    def read_trainer_lock(self) -> str | None:
+        """Who holds the trainer's job lock (a job runs now), None when free."""
+        return as_str(self.redis.get(self.keys.trainer_lock()))
 
     def read_heartbeats(self) -> list[dict[str, Any]]:
         """Live monitor instances (expired ones are dropped from the index)."""
@@ -176,3 +285,9 @@ class StateView:
         """Highest applied input offset of a partition (-1 when none)."""
         raw = self.redis.get(self.keys.watermark(group, topic, partition))
         return as_int(raw, -1) if raw is not None else -1
+
+
+def _ack_of(h: dict[str | None, str | None]) -> DriftAck | None:
+    if not h.get("seq"):
+        return None
+    return DriftAck(seq=as_int(h.get("seq")), by=h.get("by") or "?", note=h.get("note") or "", at=as_float(h.get("at")))

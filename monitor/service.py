@@ -785,7 +785,16 @@ def run_monitor(settings: Settings, stop: threading.Event | None = None, *, hand
         redis_client,
         keys,
         settings.model.artifact_store,
-        functools.partial(load_checked, device=device),  # refuses what cannot serve; the old model stays
+        functools.partial(  # refuses what cannot serve (or was calibrated in another runtime); the old model stays
+            load_checked,
+            device=device,
+            runtime=settings.model.runtime,
+            runtime_options={
+                "threads": settings.model.runtime_threads,
+                "streams": settings.model.runtime_streams,
+                "export_dir": settings.model.export_cache,
+            },
+        ),
         on_event=events.put,
     )
     watcher.start()

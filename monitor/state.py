@@ -340,6 +340,24 @@ class MonitorState:
         pipe.zadd(self.keys.heartbeats(), {instance: now})
         pipe.execute()
 
+    def record_layout(self, instance: str) -> dict[str, int] | None:
+        """Write the window layout this monitor buckets with (`keys.window_layout()`), for readers with other
+        local settings; returns the layout recorded before when it differs (two monitors disagree), else None."""
+        key = self.keys.window_layout()
+        before = {as_str(k): as_str(v) for k, v in self.redis.hgetall(key).items()}
+        self.redis.hset(
+            key,
+            mapping={
+                "bucket_s": self.bucket_s,
+                "window_buckets": self.window_buckets,
+                "instance": instance,
+                "ts": f"{time.time():.3f}",
+            },
+        )
+        old = {k: as_int(before.get(k)) for k in ("bucket_s", "window_buckets") if before.get(k)}
+        mine = {"bucket_s": self.bucket_s, "window_buckets": self.window_buckets}
+        return old if old and any(old[k] != mine[k] for k in old) else None
+
     def remove_heartbeat(self, instance: str) -> None:
         """Forget an instance at clean shutdown."""
         self.redis.delete(self.keys.heartbeat(instance))

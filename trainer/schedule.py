@@ -44,6 +44,11 @@ MANUAL = "manual"
 NEW_VETTED = "new_vetted"
 SCHEDULE = "schedule"
 
+#: Seconds between a running trainer service's heartbeats, and how long one stays valid (`dlsr trainer trigger`
+#: says "no trainer is alive" when none was written in the last HEARTBEAT_TTL_S seconds).
+HEARTBEAT_S = 5.0
+HEARTBEAT_TTL_S = 30
+
 
 def request_run(redis: redis.Redis, keys: Keys, by: str = "cli") -> None:
     """Ask the trainer service for a job now (what `dlsr trainer trigger` does)."""
@@ -72,6 +77,8 @@ class TrainerService:
     outage: OutagePolicy = field(default_factory=OutagePolicy)
     metrics: TrainerMetrics = field(default_factory=TrainerMetrics)
     health: Health = field(default_factory=Health)
+    heartbeat_s: float = HEARTBEAT_S
+    heartbeat_ttl_s: int = HEARTBEAT_TTL_S
 
     @property
     def keys(self) -> Keys:
@@ -170,8 +177,55 @@ class TrainerService:
         reason = self.due()
         return self.run_once(reason) if reason else None
 
+    # ---- liveness for `dlsr trainer trigger` --------------------------------------------------------
+    def beat(self, poll_s: float) -> None:
+        """Write this trainer's heartbeat (expires after `heartbeat_ttl_s`): `dlsr trainer trigger` reads it."""
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.set(
+            self.keys.trainer_heartbeat(self.owner),
+            json.dumps({"owner": self.owner, "ts": now, "poll_s": poll_s}),
+            ex=max(1, int(self.heartbeat_ttl_s)),
+        )
+        pipe.zadd(self.keys.trainer_heartbeats(), {self.owner: now})
+        pipe.execute()
+
+    def _beat_until(self, done: threading.Event, poll_s: float) -> None:
+        # A thread, not a loop step: a job blocks the loop for minutes, and the trainer is alive meanwhile.
+        failing = False
+        while True:
+            try:
+                self.beat(poll_s)
+                failing = False
+            except Exception as exc:  # best effort: Redis outages are the loop's to report
+                if not failing:
+                    log.debug("trainer heartbeat not written: %s", exc)
+                failing = True
+            if done.wait(self.heartbeat_s):
+                return
+
+    def _forget_heartbeat(self) -> None:
+        try:
+            self.redis.delete(self.keys.trainer_heartbeat(self.owner))
+            self.redis.zrem(self.keys.trainer_heartbeats(), self.owner)
+        except Exception as exc:  # it expires by itself
+            log.debug("trainer heartbeat not removed: %s", exc)
+
     def serve(self, stop: threading.Event, poll_s: float = 1.0) -> None:
-        """Run until `stop` is set (SIGTERM/SIGINT in the CLI)."""
+        """Run until `stop` is set (SIGTERM/SIGINT in the CLI); a heartbeat says it is alive meanwhile."""
+        done = threading.Event()
+        beats = threading.Thread(
+            target=self._beat_until, args=(done, poll_s), name="dlsr-trainer-heartbeat", daemon=True
+        )
+        beats.start()
+        try:
+            self._serve(stop, poll_s)
+        finally:
+            done.set()
+            beats.join(timeout=5)
+            self._forget_heartbeat()
+
+    def _serve(self, stop: threading.Event, poll_s: float) -> None:
         log.info(
             "trainer %s: refit every %.0f s or after %d new vetted images; store %s",
             self.owner,
