@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from dlsr_monitor.config.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+#: Largest network frame a consumer accepts: above fetch_max_bytes and the largest message value allowed.
+FRAME_MAX_BYTES = 64 * 1024 * 1024
 
 
 def _kwargs(kafka: KafkaSettings | str) -> dict:
@@ -97,6 +99,9 @@ class KafkaSource:
             max_poll_records=max_poll_records,
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            # kafka-python refuses network frames over 1 MB by default and only gets the record after a
+            # reconnect: a fetch must fit one frame (found by the fault suite with 1.5 MB images).
+            receive_message_max_bytes=FRAME_MAX_BYTES,
             max_poll_interval_ms=300_000,
         )
         source = self

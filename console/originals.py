@@ -86,6 +86,7 @@ def open_consumer(kafka: KafkaSettings) -> Any:
     from kafka import KafkaConsumer
 
     from dlsr_monitor.common.connections import kafka_retry
+    from dlsr_monitor.common.kafka_io import FRAME_MAX_BYTES
 
     return kafka_retry(
         kafka,
@@ -97,6 +98,7 @@ def open_consumer(kafka: KafkaSettings) -> Any:
             request_timeout_ms=30_000,
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            receive_message_max_bytes=FRAME_MAX_BYTES,  # originals are images: frames over 1 MB are normal
         ),
     )
 

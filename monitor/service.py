@@ -612,7 +612,7 @@ class MonitorService:
                     "batches": self.stats.batches,
                     "score_s": round(self.stats.score_s, 3),
                     "group": self.group,
-                    "ready": int(self.ready),
+                    "ready": int(self.ready and self.health.checks.get("broker_answers", True)),
                 },
             )
             if self._beat_failing:
@@ -690,7 +690,13 @@ class MonitorService:
         seen = getattr(self.source, "broker_seen_s", None)
         age = seen() if callable(seen) else None
         self.health.detail["broker_seen_s"] = None if age is None else round(age, 3)
-        return age is None or age < self.health.stall_s
+        answers = age is None or age < self.health.stall_s
+        if answers != self.health.checks.get("broker_answers", True):  # a frozen broker: not ready, said once
+            log.warning("the broker %s", "answers again" if answers else f"has not answered for {age:.0f} s")
+            self.health.set("broker_answers", answers)
+            self.metrics.ready.set(int(answers and self.ready))
+            self._heartbeat(force=True)
+        return answers
 
     def close(self) -> None:
         """Release threads and the adapters."""

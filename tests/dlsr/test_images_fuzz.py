@@ -39,6 +39,9 @@ def fuzz(default_examples: int) -> settings:
                                            HealthCheck.filter_too_much])
 
 
+# Seconds per test: out of `make test-fast`, in `make test`; a long DLSR_FUZZ_EXAMPLES run gets a longer timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300 + examples(0) // 10)]
+
 @pytest.fixture(scope="module", autouse=True)
 def _fuzz_summary(request):
     install(request.config)
@@ -187,13 +190,13 @@ def test_random_bytes(data):
     _check(data, "decode_image random bytes")
 
 
-@fuzz(5000)
+@fuzz(4000)
 @given(mutated())
 def test_mutated_seeds(case):
     _check(case[1], "decode_image mutated seeds")
 
 
-@fuzz(4000)
+@fuzz(3000)
 @given(built_png())
 def test_built_png(data):
     _check(data, "decode_image built PNG")

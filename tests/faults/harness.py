@@ -2,8 +2,9 @@
 DLSR_* setting, a producer with explicit partitions / keys / raw headers, and the accounting every scenario
 ends with (inputs -> score records + dead letters, duplicates, Redis window totals).
 
-Inputs are identified by (partition, offset) on a fresh topic, so "lost" is exact: an offset below a
-partition's end offset with neither a score record nor a dead letter whose `origin` names it.
+Inputs are identified by the (partition, offset) the broker acknowledged for each produced message, so "lost"
+is exact: an acknowledged input with neither a score record nor a dead letter whose `origin` names it. (Tansu's
+ListOffsets answer is not usable for this: it reports end offsets far below what it acknowledged.)
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.integration.conftest import OutputReader
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -212,7 +211,10 @@ class FaultMonitor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        self.returncode: int | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
 
     @property
     def pid(self) -> int:
@@ -253,7 +255,6 @@ class FaultMonitor:
         finally:
             if not self._log.closed:
                 self._log.close()
-        self.returncode = rc
         return rc
 
 
@@ -300,14 +301,49 @@ def image_msgs(values: list[bytes], sources: list[str], *, partition: int | None
 
 
 # ---- outputs and accounting ------------------------------------------------------------------------------
+class TopicReader:
+    """Reads a topic from the beginning (no consumer group), accumulating every record. Like the integration
+    tests' OutputReader, with frames up to 64 MiB (dead letters carry original values of several MB; kafka-python's
+    default limit is 1 MB)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaConsumer
+
+        self.topic = topic
+        self.records: list[Any] = []
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
+            receive_message_max_bytes=64 << 20, fetch_max_bytes=64 << 20, max_partition_fetch_bytes=32 << 20,
+        )
+        self._assigned = False
+
+    def poll(self, timeout_s: float = 0.5) -> list[Any]:
+        from kafka.structs import TopicPartition
+
+        if not self._assigned:
+            parts = self._consumer.partitions_for_topic(self.topic)
+            if not parts:
+                time.sleep(timeout_s)
+                return self.records
+            self._consumer.assign([TopicPartition(self.topic, p) for p in parts])
+            self._consumer.seek_to_beginning()
+            self._assigned = True
+        for recs in self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=5000).values():
+            self.records.extend(recs)
+        return self.records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 class Outputs:
     """Score records and dead letters read from the beginning of their topics, indexed by input
     (partition, offset)."""
 
     def __init__(self, bootstrap: str, topics: Any) -> None:
         self.input_topic = topics.input
-        self.scores = OutputReader(bootstrap, topics.scores)
-        self.dlq = OutputReader(bootstrap, topics.dlq)
+        self.scores = TopicReader(bootstrap, topics.scores)
+        self.dlq = TopicReader(bootstrap, topics.dlq)
         self._ns = self._nd = 0
         self.score_recs: list[Any] = []
         self.dead_recs: list[dict[str, Any]] = []
@@ -348,31 +384,16 @@ class Outputs:
         self.dlq.close()
 
 
-def input_offsets(bootstrap: str, topic: str) -> set[tuple[int, int]]:
-    """Every (partition, offset) on a fresh topic: 0 .. end offset of each partition."""
-    from kafka import KafkaConsumer
-    from kafka.structs import TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, request_timeout_ms=30000)
-    try:
-        parts = c.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        begin, end = c.beginning_offsets(tps), c.end_offsets(tps)
-    finally:
-        c.close()
-    return {(tp.partition, o) for tp in tps for o in range(begin[tp], end[tp])}
-
-
 def wait_covered(outputs: Outputs, inputs: set[tuple[int, int]], timeout_s: float, *,
-                 alive: tuple[FaultMonitor, ...] = (), what: str = "every input covered") -> bool:
-    """Poll until every input has an outcome (True) or the timeout (False); fails when a monitor in `alive`
-    exits meanwhile."""
+                 alive: tuple[FaultMonitor, ...] = (), give_up_if_dead: tuple[FaultMonitor, ...] = ()) -> bool:
+    """Poll until every input has an outcome (True) or the timeout (False). Fails when a monitor in `alive`
+    exits meanwhile; returns False at once when one in `give_up_if_dead` has (the caller reports it)."""
     deadline = time.monotonic() + timeout_s
     while True:
         outputs.poll(0.3)
         if inputs <= outputs.covered():
             return True
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or any(not m.alive() for m in give_up_if_dead):
             return False
         for m in alive:
             m.check_alive()
@@ -389,6 +410,17 @@ def wait_progress(outputs: Outputs, inputs: set[tuple[int, int]], n: int, timeou
             return done
         for m in alive:
             m.check_alive()
+
+
+def wait_next(outputs: Outputs, inputs: set[tuple[int, int]], timeout_s: float, *,
+              alive: tuple[FaultMonitor, ...] = ()) -> float | None:
+    """Seconds until one more input has an outcome (None when all already have one, or on timeout)."""
+    start = len(inputs & outputs.poll().covered())
+    if start >= len(inputs):
+        return None
+    t0 = time.monotonic()
+    done = wait_progress(outputs, inputs, start + 1, timeout_s, alive=alive)
+    return round(time.monotonic() - t0, 1) if done > start else None
 
 
 @dataclass

@@ -83,6 +83,11 @@ def format_table(rows: list[Row]) -> list[str]:
     for r in rows:
         if r.notes:
             lines.append(f"  {r.scenario}: {r.notes}")
+    for r in rows:
+        per_kind = r.extra.get("per_kind")
+        if per_kind:
+            lines.append(f"  {r.scenario} per kind (outcome: score, or dlq:<reason>):")
+            lines.extend(f"    {kind:<30} {outcome}" for kind, outcome in per_kind.items())
     return lines
 
 
