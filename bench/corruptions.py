@@ -2,7 +2,9 @@
 are scored against the same images clean; AUROC per corruption and severity, for DLSR and the baselines.
 
 The detectors are fitted on CIFAR-10 train features (one seed). Corrupted copies are cached like any other
-image (keyed by their bytes), so a rerun only scores.
+image (keyed by their bytes), so a rerun only scores. With a calibration split (--cal-size more train images,
+not fitted on) it also prints, for the --shift-methods, the shift (dlsr.evidence) that the per-stage p-values
+give each image flagged at the conformal threshold (--alpha), per corruption and severity.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default 1..5)")
     p.add_argument("--methods", default="DLSR-MFsim5,DLSR-MFsim4,DLSR-MSE,kNN,Mahalanobis")
     p.add_argument("--seed", type=int, default=0, help="seeds the LFDN and the random corruptions")
+    p.add_argument(
+        "--cal-size",
+        type=int,
+        default=1000,
+        help="further CIFAR-10 train images (not fitted on) that calibrate the threshold and the per-stage p-values "
+        "of the shift table (default 1000; 0 = no shift table)",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.05, help="false-alarm rate of the threshold that flags images (default 0.05)"
+    )
+    common.add_shift_argument(p)
     common.add_dlsr_arguments(p, epochs=DEFAULT_EPOCHS, n_blocks=DEFAULT_BLOCKS, t=DEFAULT_T)
 
 
@@ -59,7 +72,15 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bench = common.setup(args, settings)
     root, device, encoder, cache = bench.root, bench.device, bench.encoder, bench.cache
-    train = bench.load(common.ID_SET, "train", args.train_size).features
+    train_split = bench.load(common.ID_SET, "train", args.train_size)
+    train = train_split.features
+    shift_methods = common.shift_methods(args, methods) if args.cal_size > 0 else []
+    x_cal = None
+    if shift_methods:
+        # Seeded subsets are nested: the larger one holds every fitted image; the others calibrate.
+        pool = bench.load(common.ID_SET, "train", args.train_size + args.cal_size)
+        fitted = set(train_split.names)
+        x_cal = pool.features[[i for i, n in enumerate(pool.names) if n not in fitted]]
     clean_set = open_images(root / common.ID_SET / "test.zip", limit=args.id_size, seed=0)
     clean = cache.extract(encoder, clean_set, batch_size=args.batch_size, progress=True)
     pixels, names, _ = decode_items(it for it in clean_set if it.name in set(clean.names))
@@ -69,19 +90,33 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     dlsr_scores = {m: common.DLSR_SCORES[m] for m in methods if m in common.DLSR_SCORES}
     if dlsr_scores:
         dets["DLSR"] = common.make_dlsr(args, encoder.boundaries, args.seed, device).fit(train)
-    for m, det in common.make_baselines(args, device).items():
+    for m, det in common.make_baselines(args, device, encoder.boundaries).items():
         if m in methods:
             dets[m] = det.fit(train)
 
     def score(x: np.ndarray) -> dict[str, np.ndarray]:
+        """method -> (N,) scores, and "<method>:stages" -> (N, S) for the shift methods."""
         out = {}
         if "DLSR" in dets:
-            s = dets["DLSR"].score_all(x, scores=tuple(dlsr_scores.values()))
+            with_stages = any(m in shift_methods for m in dlsr_scores)
+            s = dets["DLSR"].score_all(x, scores=tuple(dlsr_scores.values()), stages=with_stages)
             out |= {m: s[name] for m, name in dlsr_scores.items()}
+            out |= {f"{m}:stages": s[f"{name}:stages"] for m, name in dlsr_scores.items() if m in shift_methods}
         out |= {m: d.score(x) for m, d in dets.items() if m != "DLSR"}
+        out |= {f"{m}:stages": d.score_stages(x) for m, d in dets.items() if m != "DLSR" and m in shift_methods}
         return out
 
+    s_cal = score(x_cal) if x_cal is not None else {}
+    # shift[method] -> [(corruption, severity, counts)]; the clean images first (their flags are false alarms)
+    shift: dict[str, list[tuple[str, str, dict[str, int]]]] = {m: [] for m in shift_methods}
+
+    def add_shift(corruption: str, severity: str, s: dict[str, np.ndarray]) -> None:
+        for m in shift_methods:
+            counts = common.shift_counts(s_cal[m], s_cal[f"{m}:stages"], s[m], s[f"{m}:stages"], args.alpha)
+            shift[m].append((corruption, severity, counts))
+
     s_clean = score(clean.features)
+    add_shift("none (clean ID)", "-", s_clean)
     rows, out_rows = [], []
     for c in corruptions:
         for sev in severities:
@@ -93,6 +128,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                 progress=True,
             )
             s_bad = score(res.features)
+            add_shift(c, str(sev), s_bad)
             vals = {m: auroc(s_clean[m], s_bad[m]) for m in methods}
             rows.append([c, sev] + [f"{100 * vals[m]:.2f}" for m in methods])
             out_rows.append({"corruption": c, "severity": sev, "auroc": vals})
@@ -108,12 +144,26 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         f"fit {len(train)} train, LFDN {args.n_blocks} blocks, {args.epochs} epochs, t={args.t}; AUROC %\n"
     )
     print(common.markdown_table(["corruption", "severity"] + methods, rows + [mean_row]))
+    shift_md, shift_rows = [], []
+    for m in shift_methods:
+        corrupted = [counts for c, _, counts in shift[m] if c != "none (clean ID)"]
+        for c, sev, counts in [*shift[m], ("all corrupted", "all", common.pool_counts(corrupted))]:
+            shift_md.append([m, c, sev, *common.shift_cells(counts)])
+            shift_rows.append({"method": m, "corruption": c, "severity": sev, **common.shift_json(counts)})
+    if shift_methods:
+        print(
+            f"\n### Shift among flagged images: alpha={args.alpha}, calibrated on {len(x_cal)} held-out train images, "
+            f"{len(encoder.boundaries) - 1} stages\n"
+        )
+        print(common.markdown_table(["method", "corruption", "severity", *common.SHIFT_HEADERS], shift_md))
+        print(f"\n{common.SHIFT_RULE}.")
     print(f"\nWall time {wall / 60:.1f} min on {common.device_name(device)}.")
     if args.json:
         common.write_json(
             args.json,
             {
                 "rows": out_rows,
+                "shift": shift_rows,
                 "meta": {
                     "encoder": encoder.identity(),
                     "n_fit": len(train),
@@ -125,6 +175,10 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                     "device": common.device_name(device),
                     "wall_s": wall,
                     "git_commit": common.git_commit(),
+                    "n_cal": 0 if x_cal is None else len(x_cal),
+                    "alpha": args.alpha,
+                    "shift_rule": common.SHIFT_RULE,
+                    "command": " ".join(sys.argv),
                 },
             },
         )

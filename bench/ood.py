@@ -3,7 +3,8 @@
 Protocol (docs/METHOD.md section 7): fit on CIFAR-10 train, calibrate on a held-out part of train (conformal
 threshold at --alpha), evaluate CIFAR-10 test as ID against each OOD set's test.zip. Every method sees the same
 cached encoder features. Each seed re-draws the fit/calibration split, the LFDN initialisation, the training
-order and the scoring noise. Prints a markdown table (percentages, mean ± std over seeds) and images/s.
+order and the scoring noise. Prints a markdown table (percentages, mean ± std over seeds) and images/s, and
+for the --shift-methods the shift (dlsr.evidence) the per-stage p-values give each flagged image, per set.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods", default=",".join(common.METHODS), help="comma-separated subset of the methods"
     )
+    common.add_shift_argument(p)
     common.add_dlsr_arguments(p, epochs=None, n_blocks=None, t=DEFAULT_T)
 
 
@@ -134,11 +136,17 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     speed: dict[str, float] = {}
     fit_seconds: list[float] = []
     dlsr_methods = [m for m in methods if m in common.DLSR_SCORES]
+    shift_methods = common.shift_methods(args, methods)
+    id_label = f"{common.ID_SET} test (ID)"
+    shift_sets = [id_label, *ood_names]
+    # shift[method][set] -> per-seed counts of flagged images and their shifts
+    shift: dict[str, dict[str, list[dict[str, int]]]] = {m: {s: [] for s in shift_sets} for m in shift_methods}
     for seed in range(args.seeds):
         cal_idx, fit_idx = common.split_indices(len(pool.features), args.cal_size, seed)
         x_fit, x_cal = pool.features[fit_idx], pool.features[cal_idx]
         print(f"seed {seed}: fit on {len(x_fit)}, calibrate on {len(x_cal)}", file=sys.stderr, flush=True)
         scores: dict[str, dict[str, np.ndarray]] = {}  # method -> split -> scores
+        stages: dict[str, dict[str, np.ndarray]] = {}  # method -> split -> (N, S) per-stage scores
         if dlsr_methods:
             det = common.make_dlsr(args, encoder.boundaries, seed, device)
             t0 = time.perf_counter()
@@ -146,19 +154,25 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             fit_seconds.append(time.perf_counter() - t0)
             names = tuple(common.DLSR_SCORES[m] for m in dlsr_methods)
             parts = {"cal": x_cal, "id": id_test.features} | {k: v.features for k, v in ood.items()}
-            per_split = {k: det.score_all(v, scores=names) for k, v in parts.items()}
+            with_stages = any(m in shift_methods for m in dlsr_methods)
+            per_split = {k: det.score_all(v, scores=names, stages=with_stages) for k, v in parts.items()}
             for m in dlsr_methods:
                 scores[m] = {k: v[common.DLSR_SCORES[m]] for k, v in per_split.items()}
+                if m in shift_methods:
+                    stages[m] = {k: v[common.DLSR_SCORES[m] + ":stages"] for k, v in per_split.items()}
                 if seed == 0:
                     speed[m] = measure_head(
                         det, id_test.features[:2048], args.batch_size, score=common.DLSR_SCORES[m]
                     )
-        for m, det in common.make_baselines(args, device).items():
+        for m, det in common.make_baselines(args, device, encoder.boundaries).items():
             if m not in methods:
                 continue
             det.fit(x_fit)
             scores[m] = {"cal": det.score(x_cal), "id": det.score(id_test.features)}
             scores[m] |= {k: det.score(v.features) for k, v in ood.items()}
+            if m in shift_methods:
+                stages[m] = {"cal": det.score_stages(x_cal), "id": det.score_stages(id_test.features)}
+                stages[m] |= {k: det.score_stages(v.features) for k, v in ood.items()}
             if seed == 0:
                 speed[m] = measure_head(det, id_test.features[:2048], args.batch_size)
         for m in methods:
@@ -167,6 +181,10 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             far_alarm[m].append(float(np.mean(s["id"] > thr)))
             for name in ood_names:
                 results[m][name].append(ood_metrics(s["id"], s[name]))
+        for m in shift_methods:
+            s, st = scores[m], stages[m]
+            for label, split in zip(shift_sets, ["id", *ood_names], strict=True):
+                shift[m][label].append(common.shift_counts(s["cal"], st["cal"], s[split], st[split], args.alpha))
 
     t0 = time.perf_counter()
     enc_speed = measure_encoder(
@@ -243,6 +261,19 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     )
     print(speed_table)
     near_txt = f"; near-OOD: {', '.join(near_sets)}" if near_sets else ""
+    shift_md, shift_rows = [], []
+    for m in shift_methods:
+        for label in shift_sets:
+            pooled = common.pool_counts(shift[m][label])
+            shift_md.append([m, label, *common.shift_cells(pooled)])
+            shift_rows.append({"method": m, "set": label.removesuffix(" test (ID)"), **common.shift_json(pooled)})
+    if shift_methods:
+        print(
+            f"\n### Shift among flagged images: alpha={args.alpha}, {len(encoder.boundaries) - 1} stages, "
+            f"counts pooled over {args.seeds} seed(s)\n"
+        )
+        print(common.markdown_table(["method", "set", *common.SHIFT_HEADERS], shift_md))
+        print(f"\n{common.SHIFT_RULE}.")
     print(
         f"\nfar-OOD: {', '.join(far_sets)}{near_txt}. Wall time {wall / 60:.1f} min "
         f"(features {t_features / 60:.1f} min, LFDN fit {np.sum(fit_seconds) / 60:.1f} min, speed {t_speed:.0f} s)."
@@ -292,6 +323,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             "wall_s": wall,
             "quick": bool(args.quick),
         }
-        common.write_json(args.json, {"rows": rows_json, "meta": meta})
+        meta["shift_rule"] = common.SHIFT_RULE
+        common.write_json(args.json, {"rows": rows_json, "shift": shift_rows, "meta": meta})
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0

@@ -48,6 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also time PIL resize + normalisation (CPU) in both passes",
     )
     p.add_argument("--json", type=__import__("pathlib").Path, default=None, metavar="PATH")
+    p.add_argument(
+        "--runtimes",
+        default=None,
+        metavar="LIST",
+        help="compare encoder runtimes instead (bench/speed_runtimes.py): runtime[:precision[:streams]],... "
+        "e.g. torch,openvino,onnxruntime,openvino:bf16; real images with decoding, ratios vs torch fp32",
+    )
+    p.add_argument("--data-dir", type=__import__("pathlib").Path, default=None, help="with --runtimes: data folder")
+    p.add_argument("--min-images", type=int, default=64, help="with --runtimes: images per timing (default 64)")
+    p.add_argument("--decode-threads", type=int, default=None, help="with --runtimes: default monitor.decode_threads")
 
 
 def _sync(device: str) -> None:
@@ -103,6 +113,10 @@ def measure(
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    if getattr(args, "runtimes", None):
+        from dlsr_monitor.bench import speed_runtimes
+
+        return speed_runtimes.run(args, settings)
     device = common.resolve_device(args.device)
     encoder = common.make_encoder(args, settings)
     name = encoder.name

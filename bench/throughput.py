@@ -190,7 +190,9 @@ def _build_model(args: argparse.Namespace, settings: Settings, input_size: int, 
 
     enc = Encoder.create(settings.model.encoder, weights=settings.model.encoder_weights,
                          stages=settings.model.stages, input_size=input_size, device=device,
-                         precision=settings.model.precision)
+                         precision=settings.model.precision, runtime=settings.model.runtime,
+                         threads=settings.model.runtime_threads, streams=settings.model.runtime_streams,
+                         export_dir=settings.model.export_cache)
     feats = FeatureCache(settings.model.feature_cache).features(
         enc, open_images(_data(args) / "cifar10" / "train.zip", limit=600, seed=0), progress=True
     )
@@ -240,7 +242,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     tap: _ScoreTap | None = None
     try:
         model_dir = args.model or _build_model(args, settings, input_size, device, work / "model")
-        det = load_detector(model_dir, device=device)
+        det = load_detector(model_dir, device=device, runtime=settings.model.runtime, runtime_options={
+            "threads": settings.model.runtime_threads, "streams": settings.model.runtime_streams,
+            "export_dir": settings.model.export_cache})
         input_size = det.encoder.input_size
         payloads = [it.data for it in open_images(_data(args) / "cifar10" / "test.zip", limit=args.pool, seed=0)]
         images = [decode_image(p) for p in payloads[: max(batch_size, 1)]]
@@ -260,6 +264,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "DLSR_MONITOR__BATCH_WAIT_MS": str(settings.monitor.batch_wait_ms),
             "DLSR_MONITOR__DECODE_THREADS": str(settings.monitor.decode_threads),
             "DLSR_MONITOR__HEARTBEAT_S": "1",
+            "DLSR_MODEL__RUNTIME": settings.model.runtime,
+            "DLSR_MODEL__RUNTIME_STREAMS": str(settings.model.runtime_streams),
+            "DLSR_MODEL__EXPORT_CACHE": str(Path(settings.model.export_cache).resolve()),
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         })
         log_path = work / "monitor.log"

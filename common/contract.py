@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -48,11 +48,36 @@ VETTED_SHA256 = "sha256"  # of the value (hex)
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: Optional fields left out of the wire form while None, so records without them stay byte-identical.
+    omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
     schema_version: int = SCHEMA_VERSION
+
+    def wire_exclude(self) -> set[str] | None:
+        """The fields `to_bytes` (and `alert_to_json`) leave out of this record."""
+        return {name for name in self.omit_if_none if getattr(self, name) is None} or None
 
     def to_bytes(self) -> bytes:
         """Compact JSON, utf-8 (what goes on the wire)."""
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude=self.wire_exclude()).encode()
+
+
+#: What the per-stage evidence fields say (ScoreRecord and OodAlert; README "Message contract").
+LAYERS_DESCRIPTION = (
+    "Present only when the model has per-stage calibration: one conformal p-value per encoder stage (4 "
+    "significant digits), stage 1 = low-level texture / colour / noise (the earliest, highest-resolution map) "
+    "... the last = semantics (object content). Each is the stage's own score (DLSR: the reconstruction error "
+    "of that layer; the Gaussian and kNN baselines: the distance within that stage's dims) against the same "
+    "stage's scores on the model's calibration split (the artifact's, also when `p_value` comes from the "
+    "vetted baseline reservoir)"
+)
+SHIFT_DESCRIPTION = (
+    "Present with `layers`: which kind of shift they point to (dlsr.evidence.shift_of). early = stages "
+    "1..floor(S/2), late = the rest (the middle stage of an odd S is late; Lite0: early 1-2, late 3-5); a half "
+    "is significant when its smallest p-value is <= the model's alpha. 'low_level' = early significant and late "
+    "not (noise, blur, a colour cast ...), 'semantic' = late significant and early not (unfamiliar content), "
+    "'mixed' = both or neither (always for fewer than 2 stages)"
+)
 
 
 class ScoreRecord(_Record):
@@ -79,10 +104,19 @@ class ScoreRecord(_Record):
         description="Present only when an input header was unusable and a documented default was used instead "
         "(e.g. a `ts` of NaN, inf, before 2000 or more than a day ahead: the Kafka timestamp is used)",
     )
+    layers: list[float] | None = Field(default=None, description=LAYERS_DESCRIPTION)
+    shift: Literal["low_level", "semantic", "mixed"] | None = Field(default=None, description=SHIFT_DESCRIPTION)
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"layers", "shift"})
+
+    def wire_exclude(self) -> set[str] | None:
+        out = super().wire_exclude() or set()
+        return (out | ({"input_notes"} if not self.input_notes else set())) or None
 
     def to_bytes(self) -> bytes:
-        """Compact JSON, utf-8; `input_notes` only when there are notes (records of clean input are unchanged)."""
-        return self.model_dump_json(exclude={"input_notes"} if not self.input_notes else None).encode()
+        """Compact JSON, utf-8; `input_notes` only when there are notes and `layers` / `shift` only when the
+        model has per-stage calibration (records of clean input scored by other models are unchanged)."""
+        return self.model_dump_json(exclude=self.wire_exclude()).encode()
 
 
 class OodAlert(_Record):
@@ -100,6 +134,10 @@ class OodAlert(_Record):
     threshold: float
     p_value: float
     model_version: str
+    layers: list[float] | None = Field(default=None, description=LAYERS_DESCRIPTION)
+    shift: Literal["low_level", "semantic", "mixed"] | None = Field(default=None, description=SHIFT_DESCRIPTION)
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"layers", "shift"})
 
 
 class WindowStats(BaseModel):
@@ -289,5 +327,5 @@ def dlq_headers(
 
 
 def alert_to_json(alert: OodAlert | DriftAlert | ModelAlert) -> str:
-    """JSON text as stored in the dashboard's recent-alerts list."""
-    return json.dumps(alert.model_dump(), separators=(",", ":"))
+    """JSON text as stored in the dashboard's recent-alerts list (optional fields as in `to_bytes`)."""
+    return json.dumps(alert.model_dump(exclude=alert.wire_exclude()), separators=(",", ":"))

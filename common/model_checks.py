@@ -82,11 +82,17 @@ def detector_problems(detector: Any) -> list[str]:
     return out
 
 
-def load_checked(path: str | Path, *, device: str = "cpu") -> Any:
-    """`dlsr.artifacts.load_detector`, then `detector_problems`: ModelRefusedError when it cannot serve."""
+def load_checked(
+    path: str | Path, *, device: str = "cpu", runtime: str | None = None, runtime_options: dict | None = None
+) -> Any:
+    """`dlsr.artifacts.load_detector`, then `detector_problems`: ModelRefusedError when it cannot serve.
+
+    `runtime` (the settings' model.runtime): a model calibrated in another runtime is refused (ArtifactError
+    naming both), never served with features it was not calibrated on.
+    """
     from dlsr.artifacts import load_detector  # torch: only where a model is really loaded
 
-    detector = load_detector(path, device=device)
+    detector = load_detector(path, device=device, runtime=runtime, runtime_options=runtime_options)
     problems = detector_problems(detector)
     if problems:
         raise ModelRefusedError(f"artifact {Path(path).name}", problems)

@@ -292,6 +292,15 @@ class ModelSettings(BaseModel):
             raise ValueError("must be auto (CUDA when present), cpu, cuda or cuda:N (e.g. cuda:1)")
         return value.strip()
 
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_fits(cls, value: str, info: ValidationInfo) -> str:
+        if value == "onnxruntime" and info.data.get("precision") == "bf16":
+            raise ValueError("onnxruntime runs fp32 only: set precision to fp32 (or auto), or use openvino for bf16")
+        if value != "torch" and str(info.data.get("device") or "").startswith("cuda"):
+            raise ValueError(f"{value} runs the encoder on the CPU: set device to cpu or auto, or runtime to torch")
+        return value
+
     def encoder_kwargs(self) -> dict:
         """Keyword arguments for `dlsr.encoder.Encoder.create(**kwargs)` from these settings (device as given)."""
         return {

@@ -368,7 +368,8 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
     m = settings.model
     device = m.device
     encoder = Encoder.create(
-        m.encoder, m.encoder_weights, m.stages, input_size=opts.input_size, device=device, precision=m.precision
+        m.encoder, m.encoder_weights, m.stages, input_size=opts.input_size, device=device, precision=m.precision,
+        runtime=m.runtime, threads=m.runtime_threads, streams=m.runtime_streams, export_dir=m.export_cache,
     )
     images = open_images(data.id_train, limit=opts.fit_images, seed=0)
     console.print(f"[bold]fit[/] encoding {len(images)} CIFAR-10 images at {opts.input_size}px (cached after the first run)")

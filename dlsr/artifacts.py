@@ -2,7 +2,10 @@
 
 Layout (format version 1):
     weights.safetensors   the fitted model as named tensors (never pickled objects)
-    calibration.json      {"alpha", "threshold", "scores"} or {} when not calibrated
+    calibration.json      {"alpha", "threshold", "n", "scores"} or {} when not calibrated; from a calibration on
+                          features also "stage_scores" (n rows of S per-stage scores) and "reference"
+                          ({"features": m rows of D, "scores": m}: the model checks' reference sample).
+                          Artifacts without these keys load with the attributes None.
     manifest.json         format and package version, detector kind, encoder identity, feature layout,
                           hyperparameters, training data size, metrics, {"files": {name: sha256}}
 The digest of the whole artifact is the sha256 of manifest.json (which pins every other file by its sha256):
@@ -126,6 +129,16 @@ def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | N
                 # Python's float repr round-trips float64 exactly.
                 "scores": [float(s) for s in detector.calibration_scores],
             }
+            stage = getattr(detector, "stage_calibration_scores", None)
+            if stage is not None:
+                cal["stage_scores"] = np.asarray(stage, dtype=np.float64).tolist()
+            ref_x, ref_s = getattr(detector, "reference_features", None), getattr(detector, "reference_scores", None)
+            if ref_x is not None and ref_s is not None:
+                cal["reference"] = {
+                    # float32 values widened to float64 reprs: they read back as the same float32 numbers.
+                    "features": np.asarray(ref_x, dtype=np.float32).tolist(),
+                    "scores": np.asarray(ref_s, dtype=np.float64).tolist(),
+                }
         else:
             cal = {}
         _write_bytes(tmp / CALIBRATION, json.dumps(cal).encode())
@@ -201,8 +214,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _rebuild_encoder(identity: dict, device: str | torch.device) -> Encoder:
-    """Recreate the encoder a detector was trained with from its identity dict."""
+def _rebuild_encoder(identity: dict, device: str | torch.device, **runtime_options: Any) -> Encoder:
+    """Recreate the encoder a detector was trained with from its identity dict (in its runtime: no key = torch)."""
     from dlsr.encoder import Encoder, precision_from_identity  # lazy: features-only users never load timm
 
     weights = identity.get("weights") or {}
@@ -223,7 +236,16 @@ def _rebuild_encoder(identity: dict, device: str | torch.device) -> Encoder:
     # The features the calibration was computed on: a model trained with bf16 features scores bf16 features
     # on any device (before this key was honoured, a CUDA-trained model fell back to fp32 on a CPU host).
     kwargs["precision"] = precision_from_identity(identity)
+    kwargs["runtime"] = identity.get("runtime", "torch")  # docs/METHOD.md section 1: scored where calibrated
+    if kwargs["runtime"] != "torch":
+        kwargs.update(runtime_options)  # threads, streams, export_dir: speed and place, never the features
+        kwargs["device"] = "cpu"  # the CPU runtimes run there whatever device the head is on
     return Encoder.create(**kwargs)
+
+
+def artifact_runtime(manifest: dict) -> str:
+    """The runtime a saved detector's features were computed (and calibrated) with; torch when none is named."""
+    return str((manifest.get("encoder") or {}).get("runtime", "torch"))
 
 
 def _check_encoder(encoder: Any, manifest: dict, path: Path) -> None:
@@ -232,6 +254,11 @@ def _check_encoder(encoder: Any, manifest: dict, path: Path) -> None:
     if not saved or not callable(identity):
         return
     current = identity()
+    if saved.get("runtime", "torch") != current.get("runtime", "torch"):
+        raise ArtifactError(
+            f"{path}: calibrated with runtime {saved.get('runtime', 'torch')}, the encoder runs "
+            f"{current.get('runtime', 'torch')}; pass an encoder with that runtime (or load without encoder=)"
+        )
     diff = sorted(k for k in set(saved) & set(current) if k != "device" and saved[k] != current[k])
     if diff:
         raise ArtifactError(
@@ -246,6 +273,8 @@ def load_detector(
     device: str | torch.device = "cpu",
     encoder: Encoder | None = None,
     rebuild_encoder: bool = True,
+    runtime: str | None = None,
+    runtime_options: dict[str, Any] | None = None,
 ) -> BaseDetector:
     """Load a saved detector after verifying the manifest and every file's sha256.
 
@@ -254,6 +283,10 @@ def load_detector(
         device: where to put the model ("cpu", "cuda", "auto").
         encoder: the encoder to use; if None and the manifest names one, it is rebuilt with `Encoder.create`
             (unless rebuild_encoder=False). Features-only detectors need none.
+        runtime: the runtime the caller means to serve with (the settings' model.runtime); None: the artifact's.
+            A detector is scored in the runtime it was calibrated with (recorded in the manifest's encoder
+            identity): a different one raises ArtifactError naming both, it is never served silently.
+        runtime_options: `threads`, `streams`, `export_dir` for a rebuilt non-torch encoder.
 
     Returns:
         A detector that scores exactly like the one that was saved.
@@ -270,11 +303,16 @@ def load_detector(
     except Exception as exc:  # noqa: BLE001 - any parse failure is a broken artifact
         raise ArtifactError(f"{path / WEIGHTS}: unreadable weights ({exc}); re-save the detector") from exc
     layout = manifest.get("feature_layout") or {}
+    if runtime is not None and manifest.get("encoder") and artifact_runtime(manifest) != runtime:
+        raise ArtifactError(
+            f"{path.name}: calibrated with runtime {artifact_runtime(manifest)}, settings ask for {runtime}; "
+            f"set DLSR_MODEL__RUNTIME={artifact_runtime(manifest)} or refit with {runtime}"
+        )
     if encoder is not None:
         _check_encoder(encoder, manifest, path)
     elif manifest.get("encoder") and rebuild_encoder:
         # "auto" -> a concrete device the encoder understands
-        encoder = _rebuild_encoder(manifest["encoder"], resolve_device(device))
+        encoder = _rebuild_encoder(manifest["encoder"], resolve_device(device), **(runtime_options or {}))
     cls = detector_class(kind)
     hyper = dict(manifest.get("hyperparameters") or {})
     boundaries = layout.get("boundaries") or None
@@ -305,4 +343,27 @@ def load_detector(
             det.calibration_scores = np.asarray(cal["scores"], dtype=np.float64)
             det.alpha = float(cal["alpha"])
             det.threshold = _parse_float(cal["threshold"])
+            _load_evidence(det, cal, cal_path)
     return det
+
+
+def _load_evidence(det: BaseDetector, cal: dict[str, Any], cal_path: Path) -> None:
+    """Per-stage calibration scores and the reference sample, when the artifact has them (newer ones do)."""
+    try:
+        if cal.get("stage_scores") is not None:
+            stage = np.asarray(cal["stage_scores"], dtype=np.float64)
+            n_stages = det.n_stages
+            if stage.ndim != 2 or stage.shape[0] != det.calibration_scores.size or (
+                n_stages is not None and stage.shape[1] != n_stages
+            ):
+                raise ValueError(f"stage_scores of shape {stage.shape} do not fit the calibration")
+            det.stage_calibration_scores = stage
+        ref = cal.get("reference")
+        if ref is not None:
+            ref_x = np.asarray(ref["features"], dtype=np.float32)
+            ref_s = np.asarray(ref["scores"], dtype=np.float64)
+            if ref_x.ndim != 2 or ref_x.shape[0] != ref_s.size or (det.dim is not None and ref_x.shape[1] != det.dim):
+                raise ValueError(f"reference features {ref_x.shape} and scores {ref_s.shape} do not fit")
+            det.reference_features, det.reference_scores = ref_x, ref_s
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{cal_path}: unreadable per-stage calibration or reference sample ({exc})") from exc

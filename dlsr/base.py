@@ -7,6 +7,7 @@ detector kind (the name in manifests and settings) to its class, like timm's `re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,14 @@ from torch import Tensor
 
 from dlsr.calibration import check_alpha, conformal_threshold, p_values
 from dlsr.devices import resolve_device
-from dlsr.exceptions import FeatureWidthError, NotCalibratedError, NotFittedError
+from dlsr.evidence import stage_p_values as _stage_p_values
+from dlsr.exceptions import (
+    CalibrationWarning,
+    DLSRError,
+    FeatureWidthError,
+    NotCalibratedError,
+    NotFittedError,
+)
 
 if TYPE_CHECKING:  # the encoder is only ever passed in; importing it here would load timm for baseline users
     from dlsr.encoder import Encoder
@@ -36,6 +44,15 @@ def check_boundaries(boundaries: Sequence[int] | None, dim: int | None = None) -
     if dim is not None and b[-1] != dim:
         raise FeatureWidthError(f"boundaries {b} end at {b[-1]} but the features have D={dim} dims")
     return b
+
+
+def segments(boundaries: Sequence[int]) -> list[tuple[int, int]]:
+    """Cumulative boundaries (0, b1, ..., D) -> the (start, stop) column range of each stage."""
+    return [(int(a), int(b)) for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)]
+
+
+#: Calibration rows kept (with their main scores) as the reference sample the model checks re-score.
+REFERENCE_ROWS = 64
 
 
 def pad_rows(x: Tensor, min_rows: int) -> Tensor:
@@ -82,8 +99,12 @@ class BaseDetector:
     """Shared fit / score / calibrate / predict / save logic; subclasses implement the model.
 
     Subclasses set `kind` and implement `_fit_tensor`, `_score_tensor`, `hyperparameters`, `state_tensors` and
-    `_load_state`. State: `dim`, `boundaries`, `encoder_identity`, `n_train`, `alpha`, `threshold`,
-    `calibration_scores`: everything needed to save and restore the detector exactly.
+    `_load_state`; those with per-stage scores also `_score_tensor_stages` and `has_stage_scores`. State: `dim`,
+    `boundaries`, `encoder_identity`, `n_train`, `alpha`, `threshold`, `calibration_scores` and, from a
+    calibration on features or images, `stage_calibration_scores` (n, S) and the reference sample
+    (`reference_features`, `reference_scores`: the first `REFERENCE_ROWS` calibration rows and their scores):
+    everything needed to save and restore the detector exactly. An artifact saved before the per-stage
+    calibration existed loads with those three None.
 
     Args:
         encoder: frozen feature encoder (optional: features-only use).
@@ -128,6 +149,9 @@ class BaseDetector:
         self.alpha: float | None = None
         self.threshold: float | None = None
         self.calibration_scores: np.ndarray | None = None
+        self.stage_calibration_scores: np.ndarray | None = None  # (n, S), same calibration split
+        self.reference_features: np.ndarray | None = None  # (m, D) float32, the first calibration rows
+        self.reference_scores: np.ndarray | None = None  # (m,) float64, their scores at calibration time
         if encoder is not None:
             self._adopt_encoder(encoder)
 
@@ -140,6 +164,20 @@ class BaseDetector:
     @property
     def is_calibrated(self) -> bool:
         return self.threshold is not None and self.calibration_scores is not None
+
+    @property
+    def has_stage_scores(self) -> bool:
+        """Whether this model gives per-stage scores (`score_stages`); False for a kind without them."""
+        return False
+
+    @property
+    def n_stages(self) -> int | None:
+        """S, the number of encoder stages in the feature layout (None before the layout is known)."""
+        return None if self.boundaries is None else len(self.boundaries) - 1
+
+    def _drop_calibration(self) -> None:
+        self.alpha = self.threshold = self.calibration_scores = None
+        self.stage_calibration_scores = self.reference_features = self.reference_scores = None
 
     def _adopt_encoder(self, encoder: Encoder) -> None:
         """Take the feature layout from the encoder; it must agree with what the detector already knows."""
@@ -288,7 +326,7 @@ class BaseDetector:
         if self.boundaries is None:
             self.boundaries, self._auto_boundaries = (0, self.dim), True
         self.n_train = int(x.shape[0]) + (self.n_train if kwargs.get("warm_start") else 0)
-        self.alpha = self.threshold = self.calibration_scores = None
+        self._drop_calibration()
         return self
 
     def score(
@@ -312,28 +350,91 @@ class BaseDetector:
         """
         self._require_fitted()
         x = self._inputs(features, images, progress, fitting=False)
+        return self._score_batches(x, batch_size, progress, stages=False, **options)[0]
+
+    def score_stages(
+        self,
+        features: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> np.ndarray:
+        """Per-stage scores, higher = more unusual in that stage (docs/METHOD.md sections 3 and 6).
+
+        DLSR: the reconstruction error within each layer (1 - cosine for the MFsim scores, the mean squared
+        error for MSE) from the same reconstruction as the main score; Mahalanobis: the squared distance to a
+        Gaussian fitted per stage; kNN: the cosine distance to the k-th neighbour within the stage's dims.
+        As batch-size independent and deterministic as `score`.
+
+        Returns:
+            (N, S) float64, stage 1 (the earliest, low-level) first.
+        """
+        self._require_fitted()
+        self._require_stages()
+        x = self._inputs(features, images, progress, fitting=False)
+        stages = self._score_batches(x, batch_size, progress, stages=True, **options)[1]
+        assert stages is not None
+        return stages
+
+    def _require_stages(self) -> None:
+        if not self.has_stage_scores:
+            raise DLSRError(
+                f"{type(self).__name__} gives no per-stage scores (a kind without them, or an artifact saved "
+                "before they existed: refit it)"
+            )
+
+    def _score_batches(
+        self, x: Tensor, batch_size: int | None, progress: bool, *, stages: bool, **options: Any
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Main (N,) and, when `stages`, per-stage (N, S) scores of features on the device, batch by batch."""
         bs = int(batch_size or self.score_batch_size)
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1; got {bs}")
         out = np.empty(x.shape[0], dtype=np.float64)
+        out_stages = np.empty((x.shape[0], self.n_stages or 1), dtype=np.float64) if stages else None
         starts: Iterable[int] = range(0, x.shape[0], bs)
         if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=f"score {self.kind}", unit="batch")
         for i in starts:
-            out[i : i + bs] = self._score_tensor(x[i : i + bs], **options).double().cpu().numpy()
-        return out
+            if out_stages is None:
+                out[i : i + bs] = self._score_tensor(x[i : i + bs], **options).double().cpu().numpy()
+            else:
+                main, per_stage = self._score_tensor_stages(x[i : i + bs], **options)
+                out[i : i + bs] = main.double().cpu().numpy()
+                out_stages[i : i + bs] = per_stage.double().cpu().numpy()
+        return out, out_stages
 
-    def score_pixels(self, x: Tensor, **options: Any) -> np.ndarray:
-        """Preprocessed pixels (N, 3, S, S) from `encoder.preprocess` -> (N,) float64 scores (one batch)."""
+    def score_pixels(
+        self, x: Tensor, *, stages: bool = False, **options: Any
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed pixels (N, 3, S, S) from `encoder.preprocess` -> (N,) float64 scores (one batch).
+
+        With `stages=True`: (scores, stage_scores) from one encoder pass (and, for DLSR, one reconstruction):
+        stage_scores is (N, S) float64 as `score_stages` gives, or None when the model has no per-stage scores.
+        """
         self._require_fitted()
         if self.encoder is None:
             raise ValueError(
                 f"{type(self).__name__} has no encoder: pass encoder= (or load_detector(encoder=))"
             )
         z = self._check_features(self.encoder.encode_pixels(x), fitting=False)
-        return self._score_tensor(z, **options).double().cpu().numpy()
+        if not stages:
+            return self._score_tensor(z, **options).double().cpu().numpy()
+        if not self.has_stage_scores:
+            return self._score_tensor(z, **options).double().cpu().numpy(), None
+        main, per_stage = self._score_tensor_stages(z, **options)
+        return main.double().cpu().numpy(), per_stage.double().cpu().numpy()
+
+    def stage_p_values(self, stage_scores: np.ndarray) -> np.ndarray | None:
+        """(N, S) conformal p-values of per-stage scores against `stage_calibration_scores`, column by column;
+        None when the detector has no per-stage calibration (e.g. an older artifact)."""
+        if self.stage_calibration_scores is None:
+            return None
+        return _stage_p_values(self.stage_calibration_scores, stage_scores)
 
     def calibrate(
         self,
@@ -345,20 +446,47 @@ class BaseDetector:
     ) -> BaseDetector:
         """Set the conformal threshold from held-out in-distribution data (never the training data).
 
+        From features or images (not from `scores=`) it also keeps, from the same calibration rows, the
+        per-stage scores (`stage_calibration_scores`, when the model has them) for `stage_p_values`, and the
+        reference sample for the model checks: the first `REFERENCE_ROWS` rows and their scores.
+
         Args:
             features / images / scores: the held-out ID set, or its precomputed scores.
             alpha: target false-alarm rate in (0, 1).
         """
         alpha = check_alpha(alpha)
+        stage_cal = x_cal = None
         if scores is None:
-            scores = self.score(features, images=images)
+            self._require_fitted()
+            x = self._inputs(features, images, False, fitting=False)
+            scores, stage_cal = self._score_batches(x, None, False, stages=self.has_stage_scores)
+            x_cal = x
         elif features is not None or images is not None:
             raise ValueError("pass scores= or features/images to calibrate, not both")
         cal = np.asarray(scores, dtype=np.float64).reshape(-1)
+        rows = np.arange(cal.size)
         if images is not None and self.failures and int(np.isnan(cal).sum()) == len(self.failures):
-            cal = cal[~np.isnan(cal)]  # the undecodable images (named in self.failures), not a broken model
+            rows = np.flatnonzero(~np.isnan(cal))  # the undecodable images (named in self.failures)
+            cal = cal[rows]
         threshold = conformal_threshold(cal, alpha)  # validates: non-empty, finite
+        self._drop_calibration()
         self.calibration_scores, self.alpha, self.threshold = cal, alpha, threshold
+        if stage_cal is not None:
+            stage_cal = stage_cal[rows]
+            if np.isfinite(stage_cal).all():
+                self.stage_calibration_scores = stage_cal
+            else:
+                warnings.warn(
+                    f"{int((~np.isfinite(stage_cal)).any(axis=1).sum())} calibration rows have non-finite "
+                    "per-stage scores: the detector keeps no per-stage calibration (no stage p-values)",
+                    CalibrationWarning,
+                    stacklevel=2,
+                )
+        if x_cal is not None:
+            ref = rows[:REFERENCE_ROWS]
+            ref_x = x_cal[torch.from_numpy(ref).to(x_cal.device)].cpu().numpy().astype(np.float32)
+            if np.isfinite(ref_x).all():
+                self.reference_features, self.reference_scores = ref_x, cal[: ref.size].copy()
         return self
 
     def predict(
@@ -388,6 +516,10 @@ class BaseDetector:
         raise NotImplementedError
 
     def _score_tensor(self, x: Tensor, **options: Any) -> Tensor:
+        raise NotImplementedError
+
+    def _score_tensor_stages(self, x: Tensor, **options: Any) -> tuple[Tensor, Tensor]:
+        """(N,) main scores and (N, S) per-stage scores of one batch, from one pass (kinds with stage scores)."""
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, Any]:

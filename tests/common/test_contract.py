@@ -48,6 +48,24 @@ def test_score_record_round_trip_and_strictness():
         parse_score(json.dumps({**rec.model_dump(), "extra": 1}))
 
 
+def test_per_stage_evidence_fields_are_optional_and_left_out_while_absent():
+    from dlsr_monitor.common.contract import alert_to_json
+
+    base = dict(image_id="x", source="s", topic="in", partition=0, offset=1, ts=1.0, score=0.9, threshold=0.5,
+                p_value=0.01, model_version="1")
+    rec = ScoreRecord(**base, is_ood=True, latency_ms=3.0, instance="m")
+    ood = OodAlert(alert_id="ood:x", **base)
+    for r in (rec, ood):  # records of models without per-stage calibration: no such keys at all
+        assert b"layers" not in r.to_bytes() and b"shift" not in r.to_bytes()
+    assert "layers" not in alert_to_json(ood)
+    evidence = {"layers": [0.009901, 0.5, 1.0, 0.7, 0.2], "shift": "low_level"}
+    rec2, ood2 = rec.model_copy(update=evidence), OodAlert(alert_id="ood:x", **base, **evidence)
+    assert parse_score(rec2.to_bytes()) == rec2 and parse_alert(ood2.to_bytes()) == ood2
+    assert json.loads(alert_to_json(ood2))["shift"] == "low_level"
+    with pytest.raises(ValidationError):
+        ScoreRecord(**base, is_ood=True, latency_ms=3.0, instance="m", shift="texture")
+
+
 def test_alerts_are_discriminated_by_kind():
     w = WindowStats(images=100, ood=30, rate=0.3, null_rate=0.02, p_value=1e-9, window_s=600, since=0, until=600)
     items = [

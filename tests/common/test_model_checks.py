@@ -69,3 +69,22 @@ def test_weights_swapped_after_calibration_are_caught_by_the_reference_sample():
     other = _fitted(seed=9)  # finite, plausible, but not the weights that were calibrated
     other.reference_features, other.reference_scores = ref, det.reference_scores
     assert any("reference sample" in p for p in detector_problems(other))
+
+
+def test_calibrate_stores_the_reference_sample_and_a_weight_swap_in_the_artifact_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from dlsr.artifacts import file_sha256
+
+    det = _fitted()
+    assert det.reference_features.shape == (64, 8) and det.reference_scores.shape == (64,)
+    path = det.save(tmp_path / "ok")
+    assert load_checked(path).reference_features.shape == (64, 8)  # saved, loaded, and it passes
+    shutil.copy(_fitted(seed=9).save(tmp_path / "other") / "weights.safetensors", path / "weights.safetensors")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["weights.safetensors"] = file_sha256(path / "weights.safetensors")
+    (path / "manifest.json").write_text(json.dumps(manifest))  # checksums consistent: only the numbers changed
+    with pytest.raises(ModelRefusedError) as err:
+        load_checked(path)
+    assert any("reference sample" in p for p in err.value.problems)

@@ -200,6 +200,41 @@ def test_nan_score_is_a_dead_letter(make_service):
     assert dict(sink.on("dlq")[0].headers)[DLQ_ERROR] == b"score_not_finite"
 
 
+class StageDetector(BrightnessDetector):
+    """With per-stage calibration: 3 stages, only stage 1 (low-level) sees the brightness."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage_calibration_scores = np.tile(np.linspace(0.0, 0.3, 100)[:, None], (1, 3))
+
+    def score_pixels(self, x, stages=False):
+        s = super().score_pixels(x)
+        if not stages:
+            return s
+        return s, np.stack([s, np.zeros_like(s), np.zeros_like(s)], axis=1)
+
+
+def test_per_stage_evidence_goes_into_records_and_alerts_only_when_the_model_has_it(make_service):
+    spec = [(0, "dark", "a")] * 3 + [(0, "bright", "a")] * 2
+    sink = MemorySink()
+    det = StageDetector()
+    make_service(MemorySource(_stream(spec)), sink, detector=det).run(threading.Event(), until_idle=True)
+    recs = [parse_score(r.value) for r in sink.on("scores")]
+    assert len(recs) == 5 and len(det.calls) == 1  # one scoring call gives both
+    dark, bright = recs[:3], recs[3:]
+    # stage 1 of a bright image: beyond all 100 calibration scores -> 1/101, 4 significant digits
+    assert all(r.layers == [0.009901, 1.0, 1.0] and r.shift == "low_level" and r.is_ood for r in bright)
+    assert all(r.layers[0] == 0.7426 and r.shift == "mixed" and not r.is_ood for r in dark)  # neither half
+    alerts = [parse_alert(r.value) for r in sink.on("alerts")]
+    assert [(a.kind, a.shift, a.layers) for a in alerts] == [("ood", "low_level", [0.009901, 1.0, 1.0])] * 2
+
+    plain = MemorySink()  # the same stream, a model without per-stage calibration: the records as before
+    make_service(MemorySource(_stream(spec)), plain).run(threading.Event(), until_idle=True)
+    for r in plain.on("scores") + plain.on("alerts"):
+        assert b'"layers"' not in r.value and b'"shift"' not in r.value
+    assert all(parse_score(r.value).layers is None for r in plain.on("scores"))
+
+
 def test_stop_finishes_the_batch_in_flight(make_service):
     src = MemorySource(_stream([(0, "dark", "a")] * 40))
     sink = MemorySink()
