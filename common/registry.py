@@ -344,15 +344,18 @@ class Registry:
             created=created,
             extra=dict(extra or {}),
         )
-        fields = draft.to_hash()
-        fields.pop("version")
-        argv: list[str] = [self.keys.model_entry(""), repr(created)]
-        for k, v in fields.items():
-            argv += [k, v]
-        version = _s(self._register(keys=[self.keys.model_versions()], args=argv))
-        entry = self.entry(str(version))
+        entry = self.entry(self._add_entry(draft))
         self._journal(entry)
         return entry
+
+    def _add_entry(self, draft: ModelEntry) -> str:
+        """Write `draft` under the next version number (one atomic script); returns that version."""
+        fields = draft.to_hash()
+        fields.pop("version")
+        argv: list[str] = [self.keys.model_entry(""), repr(draft.created)]
+        for k, v in fields.items():
+            argv += [k, v]
+        return str(_s(self._register(keys=[self.keys.model_versions()], args=argv)))
 
     # ---- what survives a Redis that lost its state ------------------------------------------------------
     def _journal(self, entry: ModelEntry) -> None:
@@ -394,12 +397,7 @@ class Registry:
         for e in entries:
             if not self.artifact_path(e).is_dir():
                 continue  # the artifact itself is gone: nothing to serve
-            fields = e.to_hash()
-            fields.pop("version")
-            argv: list[str] = [self.keys.model_entry(""), repr(e.created)]
-            for k, v in fields.items():
-                argv += [k, v]
-            restored[e.sha256] = str(_s(self._register(keys=[self.keys.model_versions()], args=argv)))
+            restored[e.sha256] = self._add_entry(e)
         live = None
         with contextlib.suppress(OSError, ValueError):
             live = json.loads((self.store_root / LIVE).read_text()).get("sha256")
