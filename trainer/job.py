@@ -219,7 +219,9 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
     ref_scores = hold_scores[: len(split.reference)]  # reference = the first held-out entries by arrival
     finite_cal = cal_scores[np.isfinite(cal_scores)]
     if finite_cal.size == cal_scores.size:
-        det.calibrate(scores=cal_scores, alpha=cfg.alpha)
+        # From the features, not the scores: the per-stage calibration (`layers` / `shift` in score records)
+        # and the reference sample of the model checks come with them; the scores are the same (deterministic).
+        det.calibrate(rows(split.calibration), alpha=cfg.alpha)
         threshold = float(det.threshold)
     else:
         threshold = float("nan")  # the finite gate fails below; calibrating on NaN would only raise here

@@ -37,7 +37,9 @@ class FakeDetector:
         s = (((x - self.mean) / self.std) ** 2).mean(axis=1)
         return np.full_like(s, np.nan) if self.nan else s
 
-    def calibrate(self, *, scores: np.ndarray, alpha: float) -> FakeDetector:
+    def calibrate(self, features: np.ndarray | None = None, *, scores: np.ndarray | None = None,
+                  alpha: float) -> FakeDetector:
+        scores = self.score(features) if scores is None else scores
         self.calibration_scores = np.asarray(scores, dtype=np.float64)
         self.alpha = alpha
         self.threshold = conformal(self.calibration_scores, alpha)

@@ -72,9 +72,9 @@ def test_false_alarm_gate_catches_a_miscalibrated_threshold(ctx, monkeypatch):
 
     real = FakeDetector.calibrate
 
-    def too_low(self, *, scores, alpha):  # a threshold at the median: ~50% false alarms
-        real(self, scores=scores, alpha=alpha)
-        self.threshold = float(np.median(scores))
+    def too_low(self, features=None, *, scores=None, alpha):  # a threshold at the median: ~50% false alarms
+        real(self, features, scores=scores, alpha=alpha)
+        self.threshold = float(np.median(self.calibration_scores))
         return self
 
     monkeypatch.setattr(FakeDetector, "calibrate", too_low)
