@@ -267,6 +267,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "DLSR_MODEL__RUNTIME": settings.model.runtime,
             "DLSR_MODEL__RUNTIME_STREAMS": str(settings.model.runtime_streams),
             "DLSR_MODEL__EXPORT_CACHE": str(Path(settings.model.export_cache).resolve()),
+            **({"DLSR_MODEL__RUNTIME_THREADS": str(settings.model.runtime_threads)}
+               if settings.model.runtime_threads else {}),
             "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         })
         log_path = work / "monitor.log"

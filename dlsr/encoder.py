@@ -316,7 +316,7 @@ class Encoder:
             "precision": _PRECISION_IDENTITY[self.precision],
         }
         if self.runtime_name != "torch":
-            # Another runtime's features differ by ~1e-6: keyed (cached, calibrated) apart; torch keeps its old key.
+            # Another runtime's features differ (up to ~1e-5): keyed (cached, calibrated) apart; torch keeps its key.
             ident["runtime"] = self.runtime_name
         return ident
 
