@@ -321,6 +321,7 @@ class MonitorService:
         self.ready = True  # False while an outage is waited out
         self._stop: threading.Event | None = None
         self._beat_failing = False
+        self._broker_ok = True  # the broker answered recently (an empty poll then means idle, not frozen)
         self._no_stage_p: set[str] = set()  # versions whose per-stage p-values failed (logged once each)
 
     # ---- model events (called from the watcher thread) ---------------------------------------------
@@ -612,7 +613,7 @@ class MonitorService:
                     "batches": self.stats.batches,
                     "score_s": round(self.stats.score_s, 3),
                     "group": self.group,
-                    "ready": int(self.ready and self.health.checks.get("broker_answers", True)),
+                    "ready": int(self.ready and self._broker_ok),
                 },
             )
             if self._beat_failing:
@@ -691,9 +692,9 @@ class MonitorService:
         age = seen() if callable(seen) else None
         self.health.detail["broker_seen_s"] = None if age is None else round(age, 3)
         answers = age is None or age < self.health.stall_s
-        if answers != self.health.checks.get("broker_answers", True):  # a frozen broker: not ready, said once
+        if answers != self._broker_ok:  # a frozen broker: the heartbeat and dlsr_ready say so, once
             log.warning("the broker %s", "answers again" if answers else f"has not answered for {age:.0f} s")
-            self.health.set("broker_answers", answers)
+            self._broker_ok = answers
             self.metrics.ready.set(int(answers and self.ready))
             self._heartbeat(force=True)
         return answers
