@@ -7,7 +7,7 @@ import sys
 from urllib.parse import urlsplit
 
 from dlsr_monitor.cli.logs import LEVELS
-from dlsr_monitor.cli.ops_cmd import ALERT_KINDS, SEVERITIES
+from dlsr_monitor.cli.ops_cmd import add_alert_filters
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,18 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--payload", choices=("slack", "json"), default=None, help="Payload style (default: settings)"
     )
-    p.add_argument(
-        "--source", action="append", default=None, metavar="NAME", help="Only this source (repeatable)"
-    )
-    p.add_argument(
-        "--kind", action="append", choices=ALERT_KINDS, default=None, help="Only this kind (repeatable)"
-    )
-    p.add_argument(
-        "--min-severity",
-        choices=SEVERITIES,
-        default="info",
-        help="Drop alerts below this severity (default: info)",
-    )
+    add_alert_filters(p)
     p.add_argument("--log-level", default="INFO", choices=LEVELS)
     p.set_defaults(handler=_notify)
 

@@ -45,18 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "subscriber sees every alert. Severity: ood=warning, drift raised=critical, drift cleared=info, "
         "model live=info, model load_failed=critical.",
     )
-    alerts.add_argument(
-        "--source", action="append", default=None, metavar="NAME", help="Only this source (repeatable)"
-    )
-    alerts.add_argument(
-        "--kind", action="append", choices=ALERT_KINDS, default=None, help="Only this kind (repeatable)"
-    )
-    alerts.add_argument(
-        "--min-severity",
-        choices=SEVERITIES,
-        default="info",
-        help="Drop alerts below this severity (default: info)",
-    )
+    add_alert_filters(alerts)
     alerts.add_argument(
         "--json", action="store_true", help="One JSON object per line (with a severity field)"
     )
@@ -208,3 +197,19 @@ def _demo(args: argparse.Namespace, settings) -> int:
         stream_only=args.stream_only,
     )
     return run_demo(settings, opts)
+
+
+def add_alert_filters(p: argparse.ArgumentParser) -> None:
+    """--source / --kind / --min-severity: the alert filters `dlsr alerts` and `dlsr notify` share."""
+    p.add_argument(
+        "--source", action="append", default=None, metavar="NAME", help="Only this source (repeatable)"
+    )
+    p.add_argument(
+        "--kind", action="append", choices=ALERT_KINDS, default=None, help="Only this kind (repeatable)"
+    )
+    p.add_argument(
+        "--min-severity",
+        choices=SEVERITIES,
+        default="info",
+        help="Drop alerts below this severity (default: info)",
+    )
