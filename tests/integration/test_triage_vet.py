@@ -131,7 +131,9 @@ def test_triage_then_vet_accept_and_reject_reach_the_trainer(
     assert all(x["alert_id"] == f"ood:{x['image_id']}" for x in ok)  # read from the alerts topic
     assert all(x["sha256"] == flagged[x["image_id"]].sha256 for x in ok)
 
-    geo = sheet_geometry(ACCEPTED, 8)
+    # The trainer publishes per-stage calibration, so every record carries `layers` and each cell has a stage bar.
+    assert all(flagged[x["image_id"]].layers for x in ok)
+    geo = sheet_geometry(ACCEPTED, 8, stages=True)
     with Image.open(out_dir / "contact_sheet.png") as sheet:
         sheet.load()
         assert sheet.size == (geo.width, geo.height) == (8 * geo.cell_w, geo.header_h + math.ceil(ACCEPTED / 8) * geo.cell_h)
