@@ -1,4 +1,4 @@
-"""Baselines on the same frozen features, behind the same Detector interface (docs/METHOD.md section 5).
+"""Baselines on the same frozen features, behind the same Detector interface (docs/METHOD.md section 6).
 
 - `KNNDetector`: unsupervised kNN (Sun et al. 2022): cosine distance to the k-th nearest training feature,
   all features L2-normalised. Per stage: the same within each stage's dims (each slice L2-normalised).

@@ -428,6 +428,8 @@ class MonitorService:
         drift_alerts = self._ride_out("Redis", lambda: self._apply(routed, prep.handle))
         model_alerts = self._model_alerts()
         self._ride_out("Kafka", lambda: self._emit(routed, [*drift_alerts, *model_alerts]))
+        # The one Redis write after `_apply`: a drift transition may be marked emitted only once the broker
+        # acknowledged it; until then every replica re-emits it (same alert id), so none is ever lost.
         self._ride_out("Redis", lambda: self.state.mark_drift_emitted(drift_alerts))
         self._commit(prep.messages)
         self._count(prep, routed, scored, drift_alerts)
@@ -563,7 +565,7 @@ class MonitorService:
         self.stats.drift_alerts += len(drift_alerts)
         for a in drift_alerts:
             log.warning("drift %s for source %s: %d/%d OOD in window (p=%.2g)", a.state, a.source,
-                        a.window.ood, a.window.images, a.window.p_value)
+                        a.window.ood, a.window.images, a.window.p_value, extra={"source": a.source})
 
     def _model_alerts(self) -> list[ModelAlert]:
         out = []

@@ -79,6 +79,10 @@ def scenario_memory_burst(s: Scenario) -> None:
     s.check(row, t)
     big_scored = [r for r in s.outputs.score_recs if r.source == "camM"]
     assert len({(r.partition, r.offset) for r in big_scored}) == len(s.sent), "every big image scored"
+    # README's bound: idle RSS + the decoded-bytes budget + two batches of preprocessed pixels + the fetched
+    # message values (here the whole burst on the wire).
+    bound = BUDGET + 2 * 64 * 3 * 224 * 224 * 4 + sum(len(b) for b in bigs)
+    assert growth <= bound, s.notes[-1]
 
 
 def test_memory_burst(fault_runner):
