@@ -495,7 +495,7 @@ def render_contact_sheet(items: list[TriageItem], *, cols: int = 8, title: str =
             it.image_id,
             str(rec.get("source", "")),
             fmt_time(rec.get("ts"))[5:],
-            f"s {float(rec['score']):.4g}  p {float(rec['p_value']):.2g}",
+            f"s={float(rec['score']):.4g} p={float(rec['p_value']):.2g}",
         ]
         for j, line in enumerate(lines):
             colour = (20, 20, 20) if j != 3 else ((170, 20, 20) if rec.get("is_ood") else (60, 60, 60))
