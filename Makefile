@@ -12,14 +12,16 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The dashboard test drives the live view in tmux. Install it from Debian only when it is missing and we are
-# root (CI and the dev machines); elsewhere say how, and the test fails with the same advice.
+# The dashboard test drives the live view in tmux; the Prometheus test scrapes a monitor with Debian's prometheus.
+# Install them from Debian only when missing and we are root (CI and the dev machines); elsewhere say how, and
+# the tests fail with the same advice.
 system-deps:
-	@command -v tmux >/dev/null 2>&1 || { \
+	@for pkg in tmux prometheus; do command -v $$pkg >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing tmux (dashboard test)"; \
-	    (apt-get install -y -qq tmux >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq tmux >/dev/null)); \
-	  else echo "note: tmux is missing; install it (apt-get install tmux) for the dashboard test"; fi; }
+	    echo "installing $$pkg (system test dependency)"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null 2>&1 || \
+	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null)); \
+	  else echo "note: $$pkg is missing; install it (apt-get install $$pkg) for its test"; fi; }; done
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
