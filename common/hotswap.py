@@ -23,6 +23,8 @@ from dlsr_monitor.common.registry import ModelEntry, Registry, RegistryError, Ve
 if TYPE_CHECKING:
     import redis
 
+    from dlsr.base import BaseDetector
+
 log = logging.getLogger(__name__)
 
 LOADED = "loaded"
@@ -34,7 +36,7 @@ class ModelHandle:
     """One loaded, verified model version (immutable: swaps replace the handle, never mutate it)."""
 
     version: str
-    detector: Any
+    detector: BaseDetector
     threshold: float
     alpha: float
     entry: ModelEntry

@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dlsr_monitor.common.registry import ModelEntry
+
+if TYPE_CHECKING:
+    from dlsr.base import BaseDetector
 
 _VERSION = re.compile(r"^v[0-9]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -45,7 +48,7 @@ def entry_problems(entry: ModelEntry) -> list[str]:
     return out
 
 
-def detector_problems(detector: Any) -> list[str]:
+def detector_problems(detector: BaseDetector) -> list[str]:
     """What makes a loaded detector unusable: non-finite weights, calibration or scores on its probe batch and
     on its stored reference sample (when the artifact has one)."""
     out = []
@@ -84,7 +87,7 @@ def detector_problems(detector: Any) -> list[str]:
 
 def load_checked(
     path: str | Path, *, device: str = "cpu", runtime: str | None = None, runtime_options: dict | None = None
-) -> Any:
+) -> BaseDetector:
     """`dlsr.artifacts.load_detector`, then `detector_problems`: ModelRefusedError when it cannot serve.
 
     `runtime` (the settings' model.runtime): a model calibrated in another runtime is refused (ArtifactError

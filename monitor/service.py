@@ -68,6 +68,7 @@ from dlsr_monitor.monitor.state import MonitorState, WindowRecord
 if TYPE_CHECKING:
     import torch
 
+    from dlsr.encoder import Encoder
     from dlsr_monitor.config.settings import MonitorSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ class MonitorService:
         self._events.put(event)
 
     # ---- preparing a batch (worker threads) ----------------------------------------------------------
-    def _decode_one(self, msg: Message, encoder: Any) -> torch.Tensor:
+    def _decode_one(self, msg: Message, encoder: Encoder) -> torch.Tensor:
         """Decode, resize and release one image (worker thread): (1, 3, H, W). Its decoded pixels are counted
         against the in-flight budget from before they exist until they are gone."""
         value = msg.value
