@@ -3,7 +3,7 @@
 Each column of a detector's per-stage scores (`BaseDetector.score_stages`; DLSR's per-layer reconstruction error,
 the Gaussian baseline's per-stage Mahalanobis distance, or both side by side) gives a conformal p-value against
 held-out ID scores of that column (`dlsr.evidence.stage_p_values`). A rule combines an image's S p-values into
-one statistic, higher = more unusual (docs/METHOD.md section 7):
+one statistic, higher = more unusual (docs/METHOD.md section 4):
 
     fisher       T = -2 sum_l log p_l                        (Fisher 1925; MLOD, arXiv 2403.10803)
     simes        T = -log min_k (S p_(k) / k)                (Simes 1986; p_(1) <= ... <= p_(S))
