@@ -420,13 +420,21 @@ SHIFT_HEADERS = [
 # -- layer-wise fused scores (dlsr.fusion): per-stage conformal p-values combined, re-calibrated -------------
 
 # Whose per-stage scores each fused method combines: DLSR's per-layer errors (of MFsim4: 1 - cosine per layer),
-# the Gaussian baseline's per-stage Mahalanobis distances, or both side by side (2S p-values).
-FUSION_SOURCES = {"DLSR": ("DLSR-MFsim4",), "Gauss": ("Mahalanobis",), "DLSR+Gauss": ("DLSR-MFsim4", "Mahalanobis")}
+# the Gaussian baseline's per-stage Mahalanobis distances, or both side by side (2S p-values); "+main" adds the
+# main score of each as one more column ("<method>:main"), so the whole-feature evidence is not lost.
+FUSION_SOURCES = {
+    "DLSR": ("DLSR-MFsim4",),
+    "Gauss": ("Mahalanobis",),
+    "DLSR+Gauss": ("DLSR-MFsim4", "Mahalanobis"),
+    "Gauss+main": ("Mahalanobis", "Mahalanobis:main"),
+    "DLSR+Gauss+main": ("DLSR-MFsim4", "Mahalanobis", "DLSR-MFsim4:main", "Mahalanobis:main"),
+}
 FUSION_RULES = ("fisher", "simes", "bonferroni")  # dlsr.fusion.RULES, listed here so --help needs no numpy
 FUSED_METHODS = tuple(f"{rule}({src})" for src in FUSION_SOURCES for rule in FUSION_RULES)
 FUSION_NOTE = (
     "fused methods: rule(source) combines the per-stage conformal p-values of the source (DLSR = DLSR-MFsim4's "
-    "per-layer errors, Gauss = Mahalanobis per stage, DLSR+Gauss = both, 2S p-values) by Fisher (-2 sum log p), "
+    "per-layer errors, Gauss = Mahalanobis per stage, DLSR+Gauss = both, 2S p-values; +main: the main score of "
+    "each as one more column) by Fisher (-2 sum log p), "
     "Simes or Bonferroni min-p; the calibration split is halved (seeded): one half gives the stage p-values, the "
     "other half's fused statistics the conformal threshold (dlsr.fusion)"
 )
@@ -437,20 +445,20 @@ def add_fusion_argument(p: argparse.ArgumentParser) -> None:
         "--fused",
         default=None,
         help="fused scores to add as methods, rule(source) with rule in fisher, simes, bonferroni and source in "
-        "DLSR, Gauss, DLSR+Gauss (default: each of the nine whose sources are among --methods; '' = none)",
+        f"{', '.join(FUSION_SOURCES)} (default: each whose sources are among --methods; '' = none)",
     )
 
 
 def fused_methods(args: argparse.Namespace, methods: Sequence[str]) -> list[str]:
     """The --fused methods, checked: known names whose source methods are being run (else SystemExit)."""
     if getattr(args, "fused", None) is None:
-        return [m for m in FUSED_METHODS if all(s in methods for s in fusion_sources(m))]
+        return [m for m in FUSED_METHODS if all(s.split(":")[0] in methods for s in fusion_sources(m))]
     fused = [m.strip() for m in args.fused.split(",") if m.strip()]
     unknown = sorted(set(fused) - set(FUSED_METHODS))
     if unknown:
         raise SystemExit(f"dlsr bench: unknown fused method(s) {unknown}; choose from {list(FUSED_METHODS)}")
     for m in fused:
-        missing = [s for s in fusion_sources(m) if s not in methods]
+        missing = [s for s in fusion_sources(m) if s.split(":")[0] not in methods]
         if missing:
             raise SystemExit(f"dlsr bench: fused method {m} needs {missing} in --methods")
     return fused
@@ -463,7 +471,14 @@ def fusion_sources(fused_method: str) -> tuple[str, ...]:
 
 def stage_methods(fused: Sequence[str]) -> set[str]:
     """Single-score methods whose per-stage scores the fused methods need."""
-    return {s for m in fused for s in fusion_sources(m)}
+    return {s for m in fused for s in fusion_sources(m) if ":" not in s}
+
+
+def source_columns(scores: dict[str, np.ndarray], source: str) -> np.ndarray:
+    """(N, c) columns of one fusion source from a dict of "<method>" -> (N,) and "<method>:stages" -> (N, S)."""
+    if source.endswith(":main"):
+        return np.asarray(scores[source.removesuffix(":main")])[:, None]
+    return scores[f"{source}:stages"]
 
 
 def fit_fusions(fused: Sequence[str], cal: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
@@ -471,7 +486,7 @@ def fit_fusions(fused: Sequence[str], cal: dict[str, np.ndarray], seed: int) -> 
     from dlsr.fusion import StageFusion
 
     return {
-        m: StageFusion.fit(np.hstack([cal[f"{s}:stages"] for s in fusion_sources(m)]), m.split("(")[0], seed=seed)
+        m: StageFusion.fit(np.hstack([source_columns(cal, s) for s in fusion_sources(m)]), m.split("(")[0], seed=seed)
         for m in fused
     }
 
@@ -484,7 +499,8 @@ def fused_scores(
 
     Args:
         fused: fused method names (FUSED_METHODS).
-        stages: method -> split -> (N, S) per-stage scores; every split of the sources, "cal" included.
+        stages: method -> split -> (N, S) per-stage scores, and "<method>:main" -> split -> (N, 1) main scores for
+            the "+main" sources; every split of the sources, "cal" included.
         seed: seeds the halving of the calibration split.
     """
     from dlsr.fusion import StageFusion

@@ -113,8 +113,10 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
 
     def with_fused(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`s` plus the fused statistics (calibrated on the calibration split's stage scores)."""
-        return s | {m: fusions[m].statistic(np.hstack([s[f"{src}:stages"] for src in common.fusion_sources(m)]))
-                    for m in fused}
+        return s | {
+            m: fusions[m].statistic(np.hstack([common.source_columns(s, src) for src in common.fusion_sources(m)]))
+            for m in fused
+        }
 
     s_cal = score(x_cal) if x_cal is not None else {}
     fusions = common.fit_fusions(fused, s_cal, args.seed)

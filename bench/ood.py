@@ -179,7 +179,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                 stages[m] |= {k: det.score_stages(v.features) for k, v in ood.items()}
             if seed == 0:
                 speed[m] = measure_head(det, id_test.features[:2048], args.batch_size)
-        scores |= common.fused_scores(fused, stages, seed)
+        mains = {f"{m}:main": {k: v[:, None] for k, v in scores[m].items()} for m in methods}
+        scores |= common.fused_scores(fused, stages | mains, seed)
         for m in all_methods:
             s = scores[m]
             thr = conformal_threshold(s["cal"], args.alpha)

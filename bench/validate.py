@@ -128,7 +128,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         record(name, det.score(x_val), {k: det.score(v) for k, v in ood.items()})
         if name == "Mahalanobis" and fused:
             stages[name] = {k: det.score_stages(v) for k, v in parts.items()}
+            stages[f"{name}:main"] = {k: det.score(v)[:, None] for k, v in parts.items()}
             record_fused({name}, "")
+            record_fused({name, f"{name}:main"}, "")
     t_list = _ints(args.t_list)
     for blocks in _ints(args.blocks_list):
         for epochs in _ints(args.epochs_list):
@@ -148,8 +150,12 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                     s_cal = det.score_all(x_cal, t=t, stages=True)
                     stages["DLSR-MFsim4"] = {"cal": s_cal["mfsim4:stages"], "val": s_val["mfsim4:stages"]}
                     stages["DLSR-MFsim4"] |= {k: v["mfsim4:stages"] for k, v in s_ood.items()}
+                    stages["DLSR-MFsim4:main"] = {"cal": s_cal["mfsim4"][:, None], "val": s_val["mfsim4"][:, None]}
+                    stages["DLSR-MFsim4:main"] |= {k: v["mfsim4"][:, None] for k, v in s_ood.items()}
                     record_fused({"DLSR-MFsim4"}, f"{label}, ")
                     record_fused({"DLSR-MFsim4", "Mahalanobis"}, f"{label}, ")
+                    both_main = {"DLSR-MFsim4", "Mahalanobis", "DLSR-MFsim4:main", "Mahalanobis:main"}
+                    record_fused(both_main, f"{label}, ")
             print(f"  done {blocks} blocks x {epochs} epochs", file=sys.stderr, flush=True)
 
     headers = ["configuration", "AUROC % held-out classes", "AUROC % corruptions (mean)"] + [

@@ -53,7 +53,7 @@ def test_bench_ood_json_and_table(tiny_args, tmp_path, capsys):
     assert "cifar10" not in sets and len(sets) >= 1
     rows = payload["rows"]
     every = set(common.METHODS) | set(common.FUSED_METHODS)
-    assert {r["method"] for r in rows} == every and len(common.FUSED_METHODS) == 9
+    assert {r["method"] for r in rows} == every and len(common.FUSED_METHODS) == 15
     assert len(rows) == len(every) * (len(sets) + (1 if payload["meta"]["far_ood_sets"] else 0))
     # the fused scores: a comparison table, and their false-alarm rates at alpha like every single score
     assert "### Fused vs single scores" in printed and "| set | best single score |" in printed
@@ -278,7 +278,7 @@ def test_bench_validate_fused(tiny_args, tmp_path, capsys):
     rc = main(
         ["bench", "validate", *tiny_args, "--pool-size", "160", "--val-size", "20", "--corruptions", "pixelate"]
         + ["--blocks-list", "1", "--epochs-list", "1", "--t-list", "1", "--knn-k", "5", "--cal-size", "40"]
-        + ["--fused", "fisher(Gauss),simes(DLSR),bonferroni(DLSR+Gauss)", "--json", str(out)]
+        + ["--fused", "fisher(Gauss),simes(DLSR),bonferroni(DLSR+Gauss),fisher(DLSR+Gauss+main)", "--json", str(out)]
     )
     assert rc == 0
     assert "fused scores calibrated on 40" in capsys.readouterr().out
@@ -286,13 +286,19 @@ def test_bench_validate_fused(tiny_args, tmp_path, capsys):
     assert "fisher(Gauss)" in labels
     assert any(lab.endswith("t=1, simes(DLSR)") for lab in labels)
     assert any(lab.endswith("t=1, bonferroni(DLSR+Gauss)") for lab in labels)
+    assert any(lab.endswith("t=1, fisher(DLSR+Gauss+main)") for lab in labels)
     assert not any("fisher(DLSR)" in lab for lab in labels)
 
 
 def test_fusion_helpers():
     assert common.fusion_sources("simes(DLSR+Gauss)") == ("DLSR-MFsim4", "Mahalanobis")
     args = type("A", (), {"fused": None})()
-    assert common.fused_methods(args, ["Mahalanobis"]) == ["fisher(Gauss)", "simes(Gauss)", "bonferroni(Gauss)"]
+    assert common.fused_methods(args, ["Mahalanobis"]) == [
+        f"{r}({s})" for s in ("Gauss", "Gauss+main") for r in ("fisher", "simes", "bonferroni")
+    ]
+    assert common.stage_methods(["fisher(DLSR+Gauss+main)"]) == {"DLSR-MFsim4", "Mahalanobis"}
+    cols = common.source_columns({"A": np.ones(3), "A:stages": np.zeros((3, 2))}, "A:main")
+    assert cols.shape == (3, 1) and common.source_columns({"A:stages": np.zeros((3, 2))}, "A").shape == (3, 2)
     args.fused = "fisher(DLSR)"
     with pytest.raises(SystemExit, match="needs"):
         common.fused_methods(args, ["Mahalanobis"])
