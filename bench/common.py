@@ -415,3 +415,123 @@ SHIFT_HEADERS = [
     "(mixed: both halves) %",
     "stage p <= alpha %, stages 1 / ... / S",
 ]
+
+
+# -- layer-wise fused scores (dlsr.fusion): per-stage conformal p-values combined, re-calibrated -------------
+
+# Whose per-stage scores each fused method combines: DLSR's per-layer errors (of MFsim4: 1 - cosine per layer),
+# the Gaussian baseline's per-stage Mahalanobis distances, or both side by side (2S p-values); "+main" adds the
+# main score of each as one more column ("<method>:main"), so the whole-feature evidence is not lost.
+FUSION_SOURCES = {
+    "DLSR": ("DLSR-MFsim4",),
+    "Gauss": ("Mahalanobis",),
+    "DLSR+Gauss": ("DLSR-MFsim4", "Mahalanobis"),
+    "Gauss+main": ("Mahalanobis", "Mahalanobis:main"),
+    "DLSR+Gauss+main": ("DLSR-MFsim4", "Mahalanobis", "DLSR-MFsim4:main", "Mahalanobis:main"),
+}
+FUSION_RULES = ("fisher", "simes", "bonferroni")  # dlsr.fusion.RULES, listed here so --help needs no numpy
+FUSED_METHODS = tuple(f"{rule}({src})" for src in FUSION_SOURCES for rule in FUSION_RULES)
+FUSION_NOTE = (
+    "fused methods: rule(source) combines the per-stage conformal p-values of the source (DLSR = DLSR-MFsim4's "
+    "per-layer errors, Gauss = Mahalanobis per stage, DLSR+Gauss = both, 2S p-values; +main: the main score of "
+    "each as one more column) by Fisher (-2 sum log p), "
+    "Simes or Bonferroni min-p; the calibration split is halved (seeded): one half gives the stage p-values, the "
+    "other half's fused statistics the conformal threshold (dlsr.fusion)"
+)
+
+
+def add_fusion_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fused",
+        default=None,
+        help="fused scores to add as methods, rule(source) with rule in fisher, simes, bonferroni and source in "
+        f"{', '.join(FUSION_SOURCES)} (default: each whose sources are among --methods; '' = none)",
+    )
+
+
+def fused_methods(args: argparse.Namespace, methods: Sequence[str]) -> list[str]:
+    """The --fused methods, checked: known names whose source methods are being run (else SystemExit)."""
+    if getattr(args, "fused", None) is None:
+        return [m for m in FUSED_METHODS if all(s.split(":")[0] in methods for s in fusion_sources(m))]
+    fused = [m.strip() for m in args.fused.split(",") if m.strip()]
+    unknown = sorted(set(fused) - set(FUSED_METHODS))
+    if unknown:
+        raise SystemExit(f"dlsr bench: unknown fused method(s) {unknown}; choose from {list(FUSED_METHODS)}")
+    for m in fused:
+        missing = [s for s in fusion_sources(m) if s.split(":")[0] not in methods]
+        if missing:
+            raise SystemExit(f"dlsr bench: fused method {m} needs {missing} in --methods")
+    return fused
+
+
+def fusion_sources(fused_method: str) -> tuple[str, ...]:
+    """The single-score methods whose per-stage scores `fused_method` combines."""
+    return FUSION_SOURCES[fused_method[fused_method.index("(") + 1 : -1]]
+
+
+def stage_methods(fused: Sequence[str]) -> set[str]:
+    """Single-score methods whose per-stage scores the fused methods need."""
+    return {s for m in fused for s in fusion_sources(m) if ":" not in s}
+
+
+def source_columns(scores: dict[str, np.ndarray], source: str) -> np.ndarray:
+    """(N, c) columns of one fusion source from a dict of "<method>" -> (N,) and "<method>:stages" -> (N, S)."""
+    if source.endswith(":main"):
+        return np.asarray(scores[source.removesuffix(":main")])[:, None]
+    return scores[f"{source}:stages"]
+
+
+def fit_fusions(fused: Sequence[str], cal: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+    """fused method -> dlsr.fusion.StageFusion fitted on the calibration split's "<source>:stages" scores."""
+    from dlsr.fusion import StageFusion
+
+    return {
+        m: StageFusion.fit(np.hstack([source_columns(cal, s) for s in fusion_sources(m)]), m.split("(")[0], seed=seed)
+        for m in fused
+    }
+
+
+def fused_scores(
+    fused: Sequence[str], stages: dict[str, dict[str, np.ndarray]], seed: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """fused method -> split -> (N,) fused statistic; split "cal" holds the fused calibration statistics (the
+    held half), so `conformal_threshold(out[m]["cal"], alpha)` is the fused method's threshold.
+
+    Args:
+        fused: fused method names (FUSED_METHODS).
+        stages: method -> split -> (N, S) per-stage scores, and "<method>:main" -> split -> (N, 1) main scores for
+            the "+main" sources; every split of the sources, "cal" included.
+        seed: seeds the halving of the calibration split.
+    """
+    from dlsr.fusion import StageFusion
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for m in fused:
+        rule, src = m.split("(")[0], fusion_sources(m)
+        splits = stages[src[0]].keys()
+        joined = {k: np.hstack([stages[s][k] for s in src]) for k in splits}
+        fusion = StageFusion.fit(joined["cal"], rule, seed=seed)
+        out[m] = {k: fusion.statistic(v) for k, v in joined.items() if k != "cal"}
+        out[m]["cal"] = fusion.calibration
+    return out
+
+
+def fusion_comparison(
+    rows: Sequence[dict[str, Any]], singles: Sequence[str], fused: Sequence[str], *, key: str = "ood_set"
+) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of a table: per set, the best single score and the best fused score by AUROC, and the gap.
+
+    `rows` are result rows with "method", `key` (the set) and "auroc" (a fraction).
+    """
+    sets = list(dict.fromkeys(r[key] for r in rows))
+    out = []
+    for name in sets:
+        auc = {r["method"]: r["auroc"] for r in rows if r[key] == name}
+        best_single = max((m for m in singles if m in auc), key=auc.__getitem__)
+        best_fused = max((m for m in fused if m in auc), key=auc.__getitem__)
+        gap = 100 * (auc[best_fused] - auc[best_single])
+        out.append(
+            [str(name), best_single, f"{100 * auc[best_single]:.2f}", best_fused, f"{100 * auc[best_fused]:.2f}",
+             f"{gap:+.2f}"]
+        )
+    return ["set", "best single score", "AUROC %", "best fused score", "AUROC %", "fused - single"], out

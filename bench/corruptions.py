@@ -51,10 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--alpha", type=float, default=0.05, help="false-alarm rate of the threshold that flags images (default 0.05)"
     )
     common.add_shift_argument(p)
+    common.add_fusion_argument(p)
     common.add_dlsr_arguments(p, epochs=DEFAULT_EPOCHS, n_blocks=DEFAULT_BLOCKS, t=DEFAULT_T)
 
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    from dlsr.calibration import conformal_threshold
     from dlsr.corruptions import CORRUPTIONS, corrupt_batch
     from dlsr.metrics import auroc
     from dlsr.readers import array_images, decode_items, open_images
@@ -70,13 +72,16 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         return 2
     severities = [int(s) for s in args.severities.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    fused = common.fused_methods(args, methods) if args.cal_size > 0 else []
+    all_methods = [*methods, *fused]
     bench = common.setup(args, settings)
     root, device, encoder, cache = bench.root, bench.device, bench.encoder, bench.cache
     train_split = bench.load(common.ID_SET, "train", args.train_size)
     train = train_split.features
     shift_methods = common.shift_methods(args, methods) if args.cal_size > 0 else []
+    need_stages = set(shift_methods) | common.stage_methods(fused)
     x_cal = None
-    if shift_methods:
+    if args.cal_size > 0:
         # Seeded subsets are nested: the larger one holds every fitted image; the others calibrate.
         pool = bench.load(common.ID_SET, "train", args.train_size + args.cal_size)
         fitted = set(train_split.names)
@@ -95,18 +100,26 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             dets[m] = det.fit(train)
 
     def score(x: np.ndarray) -> dict[str, np.ndarray]:
-        """method -> (N,) scores, and "<method>:stages" -> (N, S) for the shift methods."""
+        """method -> (N,) scores, and "<method>:stages" -> (N, S) for the shift methods and fusion sources."""
         out = {}
         if "DLSR" in dets:
-            with_stages = any(m in shift_methods for m in dlsr_scores)
+            with_stages = any(m in need_stages for m in dlsr_scores)
             s = dets["DLSR"].score_all(x, scores=tuple(dlsr_scores.values()), stages=with_stages)
             out |= {m: s[name] for m, name in dlsr_scores.items()}
-            out |= {f"{m}:stages": s[f"{name}:stages"] for m, name in dlsr_scores.items() if m in shift_methods}
+            out |= {f"{m}:stages": s[f"{name}:stages"] for m, name in dlsr_scores.items() if m in need_stages}
         out |= {m: d.score(x) for m, d in dets.items() if m != "DLSR"}
-        out |= {f"{m}:stages": d.score_stages(x) for m, d in dets.items() if m != "DLSR" and m in shift_methods}
+        out |= {f"{m}:stages": d.score_stages(x) for m, d in dets.items() if m != "DLSR" and m in need_stages}
         return out
 
+    def with_fused(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`s` plus the fused statistics (calibrated on the calibration split's stage scores)."""
+        return s | {
+            m: fusions[m].statistic(np.hstack([common.source_columns(s, src) for src in common.fusion_sources(m)]))
+            for m in fused
+        }
+
     s_cal = score(x_cal) if x_cal is not None else {}
+    fusions = common.fit_fusions(fused, s_cal, args.seed)
     # shift[method] -> [(corruption, severity, counts)]; the clean images first (their flags are false alarms)
     shift: dict[str, list[tuple[str, str, dict[str, int]]]] = {m: [] for m in shift_methods}
 
@@ -115,7 +128,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             counts = common.shift_counts(s_cal[m], s_cal[f"{m}:stages"], s[m], s[f"{m}:stages"], args.alpha)
             shift[m].append((corruption, severity, counts))
 
-    s_clean = score(clean.features)
+    s_clean = with_fused(score(clean.features))
     add_shift("none (clean ID)", "-", s_clean)
     rows, out_rows = [], []
     for c in corruptions:
@@ -127,23 +140,40 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                 batch_size=args.batch_size,
                 progress=True,
             )
-            s_bad = score(res.features)
+            s_bad = with_fused(score(res.features))
             add_shift(c, str(sev), s_bad)
-            vals = {m: auroc(s_clean[m], s_bad[m]) for m in methods}
-            rows.append([c, sev] + [f"{100 * vals[m]:.2f}" for m in methods])
+            vals = {m: auroc(s_clean[m], s_bad[m]) for m in all_methods}
+            rows.append([c, sev] + [f"{100 * vals[m]:.2f}" for m in all_methods])
             out_rows.append({"corruption": c, "severity": sev, "auroc": vals})
             print(
                 f"  {c} {sev}: " + ", ".join(f"{m} {100 * v:.1f}" for m, v in vals.items()),
                 file=sys.stderr,
                 flush=True,
             )
-    mean_row = ["mean", "all"] + [f"{100 * np.mean([r['auroc'][m] for r in out_rows]):.2f}" for m in methods]
+    mean_auroc = {m: float(np.mean([r["auroc"][m] for r in out_rows])) for m in all_methods}
+    mean_row = ["mean", "all"] + [f"{100 * mean_auroc[m]:.2f}" for m in all_methods]
+    # False alarms on the clean ID images at the conformal threshold from the calibration split, per method.
+    false_alarms = {}
+    if x_cal is not None:
+        cal_stats = {m: s_cal[m] for m in methods} | {m: fusions[m].calibration for m in fused}
+        false_alarms = {m: float(np.mean(s_clean[m] > conformal_threshold(cal_stats[m], args.alpha)))
+                        for m in all_methods}
     wall = time.perf_counter() - t_start
     print(
         f"\n### Corrupted vs clean CIFAR-10 test ({len(arr)} images): {encoder.name} @{encoder.input_size}, "
         f"fit {len(train)} train, LFDN {args.n_blocks} blocks, {args.epochs} epochs, t={args.t}; AUROC %\n"
     )
-    print(common.markdown_table(["corruption", "severity"] + methods, rows + [mean_row]))
+    fa_row = ["false alarms % (clean ID)", f"alpha={args.alpha}"] + [
+        f"{100 * false_alarms[m]:.1f}" if m in false_alarms else "-" for m in all_methods
+    ]
+    print(common.markdown_table(["corruption", "severity"] + all_methods, rows + [mean_row, fa_row]))
+    if fused:
+        by_method = [{"method": m, "set": "mean of the cells", "auroc": v} for m, v in mean_auroc.items()]
+        by_method += [{"method": m, "set": f"{r['corruption']} {r['severity']}", "auroc": r["auroc"][m]}
+                      for r in out_rows if r["severity"] == max(severities) for m in all_methods]
+        print("\n### Fused vs single scores: AUROC % (the mean of all cells, then each corruption at the top severity)\n")
+        print(common.markdown_table(*common.fusion_comparison(by_method, methods, fused, key="set")))
+        print(f"\n{common.FUSION_NOTE}.")
     shift_md, shift_rows = [], []
     for m in shift_methods:
         corrupted = [counts for c, _, counts in shift[m] if c != "none (clean ID)"]
@@ -176,6 +206,10 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                     "wall_s": wall,
                     "git_commit": common.git_commit(),
                     "n_cal": 0 if x_cal is None else len(x_cal),
+                    "mean_auroc": mean_auroc,
+                    "clean_false_alarm_rate": false_alarms,
+                    "fused_methods": fused,
+                    "fusion": common.FUSION_NOTE,
                     "alpha": args.alpha,
                     "shift_rule": common.SHIFT_RULE,
                     "command": " ".join(sys.argv),

@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--methods", default=",".join(common.METHODS), help="comma-separated subset of the methods"
     )
     common.add_shift_argument(p)
+    common.add_fusion_argument(p)
     common.add_dlsr_arguments(p, epochs=None, n_blocks=None, t=DEFAULT_T)
 
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    fused = common.fused_methods(args, methods)
     bench = common.setup(args, settings)
     root, device, encoder = bench.root, bench.device, bench.encoder
     if args.width is None:
@@ -131,12 +133,14 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     t_features = time.perf_counter() - t_start
 
     # results[method][set] -> list over seeds of metric dicts; far[method] -> per-seed far-OOD averages
-    results: dict[str, dict[str, list[dict[str, float]]]] = {m: {s: [] for s in ood_names} for m in methods}
-    far_alarm: dict[str, list[float]] = {m: [] for m in methods}
+    all_methods = [*methods, *fused]
+    results: dict[str, dict[str, list[dict[str, float]]]] = {m: {s: [] for s in ood_names} for m in all_methods}
+    far_alarm: dict[str, list[float]] = {m: [] for m in all_methods}
     speed: dict[str, float] = {}
     fit_seconds: list[float] = []
     dlsr_methods = [m for m in methods if m in common.DLSR_SCORES]
     shift_methods = common.shift_methods(args, methods)
+    need_stages = set(shift_methods) | common.stage_methods(fused)
     id_label = f"{common.ID_SET} test (ID)"
     shift_sets = [id_label, *ood_names]
     # shift[method][set] -> per-seed counts of flagged images and their shifts
@@ -154,11 +158,11 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             fit_seconds.append(time.perf_counter() - t0)
             names = tuple(common.DLSR_SCORES[m] for m in dlsr_methods)
             parts = {"cal": x_cal, "id": id_test.features} | {k: v.features for k, v in ood.items()}
-            with_stages = any(m in shift_methods for m in dlsr_methods)
+            with_stages = any(m in need_stages for m in dlsr_methods)
             per_split = {k: det.score_all(v, scores=names, stages=with_stages) for k, v in parts.items()}
             for m in dlsr_methods:
                 scores[m] = {k: v[common.DLSR_SCORES[m]] for k, v in per_split.items()}
-                if m in shift_methods:
+                if m in need_stages:
                     stages[m] = {k: v[common.DLSR_SCORES[m] + ":stages"] for k, v in per_split.items()}
                 if seed == 0:
                     speed[m] = measure_head(
@@ -170,12 +174,14 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             det.fit(x_fit)
             scores[m] = {"cal": det.score(x_cal), "id": det.score(id_test.features)}
             scores[m] |= {k: det.score(v.features) for k, v in ood.items()}
-            if m in shift_methods:
+            if m in need_stages:
                 stages[m] = {"cal": det.score_stages(x_cal), "id": det.score_stages(id_test.features)}
                 stages[m] |= {k: det.score_stages(v.features) for k, v in ood.items()}
             if seed == 0:
                 speed[m] = measure_head(det, id_test.features[:2048], args.batch_size)
-        for m in methods:
+        mains = {f"{m}:main": {k: v[:, None] for k, v in scores[m].items()} for m in methods}
+        scores |= common.fused_scores(fused, stages | mains, seed)
+        for m in all_methods:
             s = scores[m]
             thr = conformal_threshold(s["cal"], args.alpha)
             far_alarm[m].append(float(np.mean(s["id"] > thr)))
@@ -207,7 +213,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         row |= {f"{k}_std": float(np.std(vals[k])) for k in keys}
         rows_json.append(row)
 
-    for m in methods:
+    for m in all_methods:
         for name in ood_names:
             add(m, name + (" (near)" if name in common.NEAR_OOD else ""), results[m][name])
         if far_sets:
@@ -223,15 +229,16 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         ["method", "OOD set", "AUROC %", "FPR95 %", "AUPR-in %", "AUPR-out %"], rows_md
     )
     speed_rows = []
-    for m in methods:
+    for m in all_methods:
         head = speed.get(m, float("nan"))
         e2e = 1.0 / (1.0 / enc_speed + 1.0 / head)
+        # A fused method costs its sources' heads (one pass each with stages) plus the fusion (microseconds).
         speed_rows.append(
             [
                 m,
-                f"{head:,.0f}",
-                f"{e2e:,.1f}",
-                f"{100 * e2e / enc_speed:.0f}%",
+                f"{head:,.0f}" if m in speed else "-",
+                f"{e2e:,.1f}" if m in speed else "-",
+                f"{100 * e2e / enc_speed:.0f}%" if m in speed else "-",
                 f"{100 * np.mean(far_alarm[m]):.2f}",
             ]
         )
@@ -260,6 +267,10 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         f"(preprocess + forward)\n"
     )
     print(speed_table)
+    if fused:
+        print(f"\n### Fused vs single scores: AUROC %, mean over {args.seeds} seed(s)\n")
+        print(common.markdown_table(*common.fusion_comparison(rows_json, methods, fused)))
+        print(f"\n{common.FUSION_NOTE}.")
     near_txt = f"; near-OOD: {', '.join(near_sets)}" if near_sets else ""
     shift_md, shift_rows = [], []
     for m in shift_methods:
@@ -324,6 +335,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             "quick": bool(args.quick),
         }
         meta["shift_rule"] = common.SHIFT_RULE
+        meta["fused_methods"] = fused
+        meta["fusion"] = common.FUSION_NOTE
         common.write_json(args.json, {"rows": rows_json, "shift": shift_rows, "meta": meta})
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0

@@ -43,6 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs-list", default="5,10,20", help="training epochs to try (default 5,10,20)")
     p.add_argument("--t-list", default="1,2,3,5,8,10,15,20", help="noise levels to score at")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cal-size",
+        type=int,
+        default=0,
+        help="images of the fitted classes held out of the fit to calibrate the fused scores (dlsr.fusion), which "
+        "are then validated too (default 0: no fused scores)",
+    )
+    common.add_fusion_argument(p)
     common.add_dlsr_arguments(p, epochs=None, n_blocks=16, t=5)
 
 
@@ -78,7 +86,12 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     root, device, encoder, cache = bench.root, bench.device, bench.encoder, bench.cache
     pool = bench.load(common.ID_SET, "train", args.pool_size)
     fit_idx, val_idx, is_held, held = common.holdout_split(pool.names, args.holdout, args.val_size, args.seed)
-    x_fit, x_val = pool.features[fit_idx], pool.features[val_idx]
+    fused = common.fused_methods(args, ["DLSR-MFsim4", "Mahalanobis"]) if args.cal_size > 0 else []
+    cal_idx = np.array([], dtype=int)
+    if fused:
+        cal_idx = np.sort(np.random.default_rng(args.seed + 1).choice(fit_idx, size=args.cal_size, replace=False))
+        fit_idx = np.setdiff1d(fit_idx, cal_idx)
+    x_fit, x_val, x_cal = pool.features[fit_idx], pool.features[val_idx], pool.features[cal_idx]
     ood = {"held-out classes": pool.features[is_held]}
     corr = [c.strip() for c in args.corruptions.split(",") if c.strip()]
     ood |= corrupted_features(
@@ -101,9 +114,23 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             [label, f"{100 * near:.2f}", f"{100 * np.mean(far):.2f}"] + [f"{100 * f:.2f}" for f in far]
         )
 
-    for name, det in common.make_baselines(args, device).items():
+    # per-stage scores of the fusion sources: method -> split ("cal", "val", each OOD proxy) -> (N, S)
+    stages: dict[str, dict[str, np.ndarray]] = {}
+    parts = {"cal": x_cal, "val": x_val} | ood
+
+    def record_fused(sources: set[str], prefix: str) -> None:
+        chosen = [m for m in fused if set(common.fusion_sources(m)) == sources]
+        for m, s in common.fused_scores(chosen, stages, args.seed).items():
+            record(f"{prefix}{m}", s["val"], {k: s[k] for k in ood})
+
+    for name, det in common.make_baselines(args, device, encoder.boundaries).items():
         det.fit(x_fit)
         record(name, det.score(x_val), {k: det.score(v) for k, v in ood.items()})
+        if name == "Mahalanobis" and fused:
+            stages[name] = {k: det.score_stages(v) for k, v in parts.items()}
+            stages[f"{name}:main"] = {k: det.score(v)[:, None] for k, v in parts.items()}
+            record_fused({name}, "")
+            record_fused({name, f"{name}:main"}, "")
     t_list = _ints(args.t_list)
     for blocks in _ints(args.blocks_list):
         for epochs in _ints(args.epochs_list):
@@ -114,14 +141,21 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             det.fit(x_fit)
             fit_s = time.perf_counter() - t0
             for t in t_list:
-                s_val = det.score_all(x_val, t=t)
-                s_ood = {k: det.score_all(v, t=t) for k, v in ood.items()}
+                s_val = det.score_all(x_val, t=t, stages=bool(fused))
+                s_ood = {k: det.score_all(v, t=t, stages=bool(fused)) for k, v in ood.items()}
+                label = f"DLSR {blocks} blocks, {epochs} ep ({fit_s:.0f}s), t={t}"
                 for score in ("mse", "mfsim5", "mfsim4"):
-                    record(
-                        f"DLSR {blocks} blocks, {epochs} ep ({fit_s:.0f}s), t={t}, {score}",
-                        s_val[score],
-                        {k: v[score] for k, v in s_ood.items()},
-                    )
+                    record(f"{label}, {score}", s_val[score], {k: v[score] for k, v in s_ood.items()})
+                if fused:
+                    s_cal = det.score_all(x_cal, t=t, stages=True)
+                    stages["DLSR-MFsim4"] = {"cal": s_cal["mfsim4:stages"], "val": s_val["mfsim4:stages"]}
+                    stages["DLSR-MFsim4"] |= {k: v["mfsim4:stages"] for k, v in s_ood.items()}
+                    stages["DLSR-MFsim4:main"] = {"cal": s_cal["mfsim4"][:, None], "val": s_val["mfsim4"][:, None]}
+                    stages["DLSR-MFsim4:main"] |= {k: v["mfsim4"][:, None] for k, v in s_ood.items()}
+                    record_fused({"DLSR-MFsim4"}, f"{label}, ")
+                    record_fused({"DLSR-MFsim4", "Mahalanobis"}, f"{label}, ")
+                    both_main = {"DLSR-MFsim4", "Mahalanobis", "DLSR-MFsim4:main", "Mahalanobis:main"}
+                    record_fused(both_main, f"{label}, ")
             print(f"  done {blocks} blocks x {epochs} epochs", file=sys.stderr, flush=True)
 
     headers = ["configuration", "AUROC % held-out classes", "AUROC % corruptions (mean)"] + [
@@ -129,7 +163,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     ]
     print(
         f"\n### Validation (CIFAR-10 train only): {encoder.name} @{encoder.input_size}, fit {len(x_fit)}, "
-        f"ID val {len(x_val)}, held-out classes {', '.join(held)}\n"
+        f"ID val {len(x_val)}, held-out classes {', '.join(held)}"
+        + (f"; fused scores calibrated on {len(x_cal)} held-out images of the fitted classes" if fused else "")
+        + "\n"
     )
     print(common.markdown_table(headers, rows))
     print(f"\nWall time {(time.perf_counter() - t_start) / 60:.1f} min on {common.device_name(device)}.")

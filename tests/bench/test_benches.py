@@ -52,8 +52,13 @@ def test_bench_ood_json_and_table(tiny_args, tmp_path, capsys):
     sets = payload["meta"]["ood_sets"]
     assert "cifar10" not in sets and len(sets) >= 1
     rows = payload["rows"]
-    assert {r["method"] for r in rows} == set(common.METHODS)
-    assert len(rows) == len(common.METHODS) * (len(sets) + (1 if payload["meta"]["far_ood_sets"] else 0))
+    every = set(common.METHODS) | set(common.FUSED_METHODS)
+    assert {r["method"] for r in rows} == every and len(common.FUSED_METHODS) == 15
+    assert len(rows) == len(every) * (len(sets) + (1 if payload["meta"]["far_ood_sets"] else 0))
+    # the fused scores: a comparison table, and their false-alarm rates at alpha like every single score
+    assert "### Fused vs single scores" in printed and "| set | best single score |" in printed
+    assert set(payload["meta"]["id_test_false_alarm_rate"]) == every
+    assert all(0.0 <= v <= 1.0 for v in payload["meta"]["id_test_false_alarm_rate"].values())
     for r in rows:
         for k in ("auroc", "fpr95", "aupr_in", "aupr_out", "auroc_std"):
             assert 0.0 <= r[k] <= 1.0, (r, k)
@@ -125,9 +130,13 @@ def test_bench_corruptions(tiny_args, tmp_path, capsys):
         ]
     )
     assert rc == 0
-    assert "### Shift among flagged images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "### Shift among flagged images" in printed and "### Fused vs single scores" in printed
+    assert "| false alarms % (clean ID) | alpha=0.05 |" in printed
     payload = json.loads(out.read_text())
     rows = payload["rows"]
+    assert set(rows[0]["auroc"]) == set(common.METHODS) | set(common.FUSED_METHODS)
+    assert set(payload["meta"]["clean_false_alarm_rate"]) == set(rows[0]["auroc"])
     shift = payload["shift"]
     assert [(r["method"], r["corruption"], r["severity"]) for r in shift] == [
         (m, c, s)
@@ -261,6 +270,41 @@ def test_bench_validate(tiny_args, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out classes" in printed and "pixelate5" in printed
     assert out.is_file()
+
+
+def test_bench_validate_fused(tiny_args, tmp_path, capsys):
+    """--cal-size: the fused scores are validated too, for the Gaussian and for each DLSR configuration and t."""
+    out = tmp_path / "v.json"
+    rc = main(
+        ["bench", "validate", *tiny_args, "--pool-size", "160", "--val-size", "20", "--corruptions", "pixelate"]
+        + ["--blocks-list", "1", "--epochs-list", "1", "--t-list", "1", "--knn-k", "5", "--cal-size", "40"]
+        + ["--fused", "fisher(Gauss),simes(DLSR),bonferroni(DLSR+Gauss),fisher(DLSR+Gauss+main)", "--json", str(out)]
+    )
+    assert rc == 0
+    assert "fused scores calibrated on 40" in capsys.readouterr().out
+    labels = [r[0] for r in json.loads(out.read_text())["rows"]]
+    assert "fisher(Gauss)" in labels
+    assert any(lab.endswith("t=1, simes(DLSR)") for lab in labels)
+    assert any(lab.endswith("t=1, bonferroni(DLSR+Gauss)") for lab in labels)
+    assert any(lab.endswith("t=1, fisher(DLSR+Gauss+main)") for lab in labels)
+    assert not any("fisher(DLSR)" in lab for lab in labels)
+
+
+def test_fusion_helpers():
+    assert common.fusion_sources("simes(DLSR+Gauss)") == ("DLSR-MFsim4", "Mahalanobis")
+    args = type("A", (), {"fused": None})()
+    assert common.fused_methods(args, ["Mahalanobis"]) == [
+        f"{r}({s})" for s in ("Gauss", "Gauss+main") for r in ("fisher", "simes", "bonferroni")
+    ]
+    assert common.stage_methods(["fisher(DLSR+Gauss+main)"]) == {"DLSR-MFsim4", "Mahalanobis"}
+    cols = common.source_columns({"A": np.ones(3), "A:stages": np.zeros((3, 2))}, "A:main")
+    assert cols.shape == (3, 1) and common.source_columns({"A:stages": np.zeros((3, 2))}, "A").shape == (3, 2)
+    args.fused = "fisher(DLSR)"
+    with pytest.raises(SystemExit, match="needs"):
+        common.fused_methods(args, ["Mahalanobis"])
+    rows = [{"method": m, "set": "x", "auroc": a} for m, a in [("A", 0.8), ("B", 0.9), ("f(A)", 0.95), ("g(A)", 0.7)]]
+    headers, table = common.fusion_comparison(rows, ["A", "B"], ["f(A)", "g(A)"], key="set")
+    assert table == [["x", "B", "90.00", "f(A)", "95.00", "+5.00"]]
 
 
 def test_common_helpers(data_dir):
