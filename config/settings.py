@@ -212,7 +212,8 @@ def thread_split(cores: int) -> tuple[int, int]:
     """(runtime intra-op threads, decode threads) for `cores` cores: together at most `cores` (one core: 1 + 1).
 
     Decoding is 15-25 % of the work per image in the measured runtimes (bench/results/speed_runtimes.md), so
-    it gets a quarter of the cores and the runtime the rest, rather than both asking for every core.
+    it gets a quarter of the cores and the runtime the rest, rather than both asking for every core. On the
+    shared 2-core dev box 1 + 1 decoded and scored as fast as 2 + 1 or faster (bench/results/speed_threads.md).
     """
     decode = max(1, int(cores) // 4)
     return max(1, int(cores) - decode), decode
