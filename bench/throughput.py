@@ -226,7 +226,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from dlsr_monitor.demo.embedded import TansuBroker, ensure_redis
 
     batch_size = args.batch_size or settings.monitor.batch_max
-    input_size = args.input_size or settings.model.input_size or 224
+    # auto (the trainer's choice from its fit images) stays at 224 here, comparable with the earlier figures.
+    configured = settings.model.input_size if isinstance(settings.model.input_size, int) else None
+    input_size = args.input_size or configured or 224
     device = str(resolve_device(args.device or settings.model.device))
     work = Path(tempfile.mkdtemp(prefix="dlsr-bench-"))
     broker = None if args.bootstrap else TansuBroker().start()

@@ -16,6 +16,7 @@ _BENCHES = {
     "validate": "choose DLSR settings on a validation split (held-out classes, corrupted held-out images)",
     "epochs": "AUROC against LFDN training epochs (validation proxy and test sets)",
     "throughput": "end-to-end messages/s of the monitor service",
+    "input-size": "AUROC and images/s against the encoder input size for 32x32 sources (CIFAR-10 vs OOD sets)",
 }
 
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text in _BENCHES.items():
         bp = bsub.add_parser(name, help=help_text, description=help_text)
         try:
-            module = importlib.import_module(f"dlsr_monitor.bench.{name}")
+            module = importlib.import_module(_module(name))
         except ImportError as exc:
             bp.set_defaults(handler=_unavailable(name, exc))
             continue
@@ -34,9 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         bp.set_defaults(handler=_runner(name))
 
 
+def _module(name: str) -> str:
+    return f"dlsr_monitor.bench.{name.replace('-', '_')}"
+
+
 def _runner(name: str):
     def handler(args: argparse.Namespace, settings) -> int:
-        return int(importlib.import_module(f"dlsr_monitor.bench.{name}").run(args, settings) or 0)
+        return int(importlib.import_module(_module(name)).run(args, settings) or 0)
 
     return handler
 

@@ -134,19 +134,22 @@ def _fit(args: argparse.Namespace, settings: Settings) -> int:
     for path in args.data:
         if not Path(path).exists():
             return _err(f"{path} not found: pass a folder or zip of images with --data")
+    def say(line: str) -> None:  # the fit-time estimate, printed before the wait it announces
+        print(f"dlsr: {line}", file=sys.stderr, flush=True)
+
     if args.no_alert:
-        service = build_service(settings, intake=False, progress=not args.quiet)
+        service = build_service(settings, intake=False, progress=not args.quiet, announce=say)
     else:
         try:
             quick = settings.model_copy(
                 update={"kafka": settings.kafka.model_copy(update={"connect_retries": 1})}
             )
-            service = build_service(quick, intake=False, alerts=True, progress=not args.quiet)
+            service = build_service(quick, intake=False, alerts=True, progress=not args.quiet, announce=say)
         except Exception as exc:  # no broker: publish anyway, say the alert is not sent
             if type(exc).__name__ != "StartupError" or "Redis" in str(exc):
                 raise
             print(f"dlsr: warning: no `model` alert will be sent ({exc})", file=sys.stderr)
-            service = build_service(settings, intake=False, progress=not args.quiet)
+            service = build_service(settings, intake=False, progress=not args.quiet, announce=say)
     for path in args.data:
         out = ingest_path(service.ctx.store, path, limit=args.limit)
         print(

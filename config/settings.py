@@ -187,6 +187,48 @@ class RedisSettings(BaseModel):
         return kw
 
 
+def lfdn_defaults(device: str) -> dict[str, Any]:
+    """The LFDN a fit on `device` gets when n_blocks, width and epochs are `auto`.
+
+    CUDA: the paper's (16 blocks, width 2D, 150 epochs). Anything else: 8 blocks, width D, 20 epochs, about 60x
+    fewer block-FLOPs per fit, so a first fit on 2 CPU cores takes minutes (README: CPU-sized defaults).
+    """
+    if device == "auto":
+        raise ValueError("resolve the device first (dlsr.devices.resolve_device): auto says nothing about size")
+    if device.startswith("cuda"):
+        return {"n_blocks": 16, "width": "2D", "epochs": 150}
+    return {"n_blocks": 8, "width": "D", "epochs": 20}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_split(cores: int) -> tuple[int, int]:
+    """(runtime intra-op threads, decode threads) for `cores` cores: together at most `cores` (one core: 1 + 1).
+
+    Decoding is 15-25 % of the work per image in the measured runtimes (bench/results/speed_runtimes.md), so
+    it gets a quarter of the cores and the runtime the rest, rather than both asking for every core. On the
+    shared 2-core dev box 1 + 1 decoded and scored as fast as 2 + 1 or faster (bench/results/speed_threads.md).
+    """
+    decode = max(1, int(cores) // 4)
+    return max(1, int(cores) - decode), decode
+
+
+def _default_runtime_threads() -> int:
+    """the usable cores less the decode threads, at least 1 (thread_split)"""
+    return thread_split(usable_cores())[0]
+
+
+def _default_decode_threads() -> int:
+    """a quarter of the usable cores, at least 1 (thread_split)"""
+    return thread_split(usable_cores())[1]
+
+
 # Feature stages (timm `out_indices`) of the backbone families whose count is known without building them.
 _STAGES_OF = {"efficientnet_lite": 5}
 
@@ -202,7 +244,12 @@ class ModelSettings(BaseModel):
     stages: tuple[int, ...] = Field(
         (0, 1, 2, 3, 4), description="Backbone stages whose pooled features are used"
     )
-    input_size: int | None = Field(None, description="Encoder input size; default from the backbone's config")
+    input_size: int | Literal["auto"] | None = Field(
+        "auto",
+        description="Encoder input size: a number; auto = from the fit set's image size (32 px sources such as "
+        "CIFAR-10 at 128, large ones at the backbone's own size; bench/results/input_size_lite0.md); unset = the "
+        "backbone's (224 for Lite0). The artifact records the size used, and scoring uses it",
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
@@ -216,7 +263,10 @@ class ModelSettings(BaseModel):
         "runtime it was calibrated with: the monitor refuses one calibrated with another",
     )
     runtime_threads: int | None = Field(
-        None, ge=1, description="Intra-op threads of a CPU runtime (default: torch's, i.e. the physical cores)"
+        default_factory=_default_runtime_threads,
+        ge=1,
+        description="Intra-op threads of a CPU runtime (openvino, onnxruntime); with monitor.decode_threads at most "
+        "the usable cores (thread_split); unset = torch's thread count",
     )
     runtime_streams: int = Field(
         1, ge=1, description="OpenVINO inference requests run in parallel on one batch (throughput mode)"
@@ -250,9 +300,17 @@ class ModelSettings(BaseModel):
     )
     n_draws: int = Field(1, ge=1, description="Fixed noise draws averaged per score (each costs a full pass)")
     eta: float = Field(1.0, ge=0, description="DDIM stochasticity (0 deterministic path, 1 the official sampler)")
-    n_blocks: int = Field(16, ge=1, description="LFDN residual blocks (paper 16; 8 costs ~0.1 AUROC)")
-    width: int | None = Field(None, ge=1, description="LFDN block width W (default 2 x feature dim, the paper)")
-    epochs: int = Field(150, ge=0, description="LFDN training epochs (paper 150; fewer on a CPU-only machine)")
+    n_blocks: int | Literal["auto"] = Field(
+        "auto", description="LFDN residual blocks; auto = 16 (the paper) when the fit runs on CUDA, 8 on a CPU"
+    )
+    width: int | Literal["auto", "D", "2D"] = Field(
+        "auto",
+        description="LFDN block width W: a number, D or 2D (x the feature width D); auto = 2D (the paper) on "
+        "CUDA, D on a CPU",
+    )
+    epochs: int | Literal["auto"] = Field(
+        "auto", description="LFDN training epochs; auto = 150 (the paper) on CUDA, 20 on a CPU (README: CPU-sized)"
+    )
     train_batch_size: int = Field(256, ge=1, description="LFDN training batch (paper 256)")
     lr: float | None = Field(None, gt=0, description="AdamW learning rate (default 1e-3 x train_batch_size / 256)")
     weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay (paper 0.02)")
@@ -285,6 +343,14 @@ class ModelSettings(BaseModel):
             raise ValueError(f"stage indices must be within {where}, got {', '.join(map(str, bad))}")
         return value
 
+    @field_validator("n_blocks", "width", "epochs", "input_size")
+    @classmethod
+    def _positive_or_auto(cls, value: Any, info: ValidationInfo) -> Any:
+        least = 0 if info.field_name == "epochs" else 1
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"must be auto or a number >= {least}, got {value}")
+        return value
+
     @field_validator("device")
     @classmethod
     def _torch_device(cls, value: str) -> str:
@@ -301,13 +367,18 @@ class ModelSettings(BaseModel):
             raise ValueError(f"{value} runs the encoder on the CPU: set device to cpu or auto, or runtime to torch")
         return value
 
-    def encoder_kwargs(self) -> dict:
-        """Keyword arguments for `dlsr.encoder.Encoder.create(**kwargs)` from these settings (device as given)."""
+    def encoder_kwargs(self, input_size: int | None = None) -> dict:
+        """Keyword arguments for `dlsr.encoder.Encoder.create(**kwargs)` from these settings (device as given).
+
+        `input_size`: the size `auto` resolved to (dlsr.encoder.auto_input_size); without it auto means the
+        backbone's own size.
+        """
+        size = self.input_size if self.input_size != "auto" else input_size
         return {
             "name": self.encoder,
             "weights": self.encoder_weights,
             "stages": tuple(self.stages),
-            "input_size": self.input_size,
+            "input_size": size,
             "device": self.device,
             "precision": self.precision,
             "runtime": self.runtime,
@@ -316,17 +387,36 @@ class ModelSettings(BaseModel):
             "export_dir": self.export_cache,
         }
 
-    def detector_kwargs(self) -> dict:
-        """Keyword arguments for `dlsr.DLSRDetector(encoder, device=..., **kwargs)` from these settings."""
+    def lfdn_size(self, device: str) -> dict[str, Any]:
+        """n_blocks, width (a number, "D" or "2D") and epochs of a fit on `device`: what is set, else
+        `lfdn_defaults(device)`."""
+        auto = lfdn_defaults(device)
+        return {k: auto[k] if getattr(self, k) == "auto" else getattr(self, k) for k in ("n_blocks", "width", "epochs")}
+
+    def detector_kwargs(self, device: str = "cpu", dim: int | None = None) -> dict:
+        """Keyword arguments for `dlsr.DLSRDetector(encoder, device=..., **kwargs)` from these settings.
+
+        Args:
+            device: the resolved device the fit runs on ("cpu", "cuda", "cuda:1"): it sizes the `auto` LFDN.
+            dim: the encoder's feature width D, needed when the width is "D".
+        """
+        size = self.lfdn_size(device)
+        width = size["width"]
+        if width == "D":
+            if dim is None:
+                raise ValueError("an LFDN of width D needs the feature width: pass dim (encoder.dim)")
+            width = int(dim)
+        elif width == "2D":
+            width = None  # the detector's default, 2 x D: kept as None so warm starts of older models match
         return {
             "score": self.score,
             "t": self.t,
             "ddim_steps": self.ddim_steps,
             "n_draws": self.n_draws,
             "eta": self.eta,
-            "n_blocks": self.n_blocks,
-            "width": self.width,
-            "epochs": self.epochs,
+            "n_blocks": size["n_blocks"],
+            "width": width,
+            "epochs": size["epochs"],
             "batch_size": self.train_batch_size,
             "lr": self.lr,
             "weight_decay": self.weight_decay,
@@ -352,7 +442,12 @@ class MonitorSettings(BaseModel):
         ge=1,
         description="Most records fetched per poll (bounds memory: at most two batches are in flight)",
     )
-    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images")
+    decode_threads: int = Field(
+        default_factory=_default_decode_threads,
+        ge=1,
+        description="Threads that decode and preprocess images; with model.runtime_threads at most the usable "
+        "cores (thread_split)",
+    )
     max_image_bytes: int = Field(20_000_000, ge=1, description="Larger message values are dead letters")
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Larger images are dead letters (decompression bombs)"

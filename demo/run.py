@@ -381,6 +381,8 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
     console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {opts.alpha})")
     config = DLSRConfig(score=m.score, n_blocks=opts.blocks, width=opts.width, epochs=opts.epochs, batch_size=128)
     detector = DLSRDetector(encoder, config=config, device=device, boundaries=encoder.boundaries)
+    estimate = detector.estimate_fit(len(fit_x), fit_x.shape[1])
+    console.print(f"[bold]fit[/] {estimate.line(detector.config, str(detector.device))}")
     detector.fit(fit_x, progress=True)
     detector.calibrate(cal_x, alpha=opts.alpha)
     with tempfile.TemporaryDirectory(prefix="dlsr-demo-model-") as tmp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,6 +33,34 @@ def _check_t(t: int, ddim_steps: int | None, T: int) -> None:
         raise ValueError(f"t must be in [1, T={T}] (paper: 3..10 works best); got {t}")
     if ddim_steps is not None and not 1 <= int(ddim_steps) <= int(t):
         raise ValueError(f"ddim_steps must be in [1, t={t}] (1 = a direct x0 prediction); got {ddim_steps}")
+
+
+@dataclass(frozen=True)
+class FitEstimate:
+    """`DLSRDetector.estimate_fit`: training steps of the fit, measured seconds per step, their product."""
+
+    steps: int
+    step_s: float
+    seconds: float
+    probe_steps: int
+    epochs: int
+
+    def line(self, config: DLSRConfig, device: str) -> str:
+        """One line for a person about to wait: the LFDN size, the step count and the estimate."""
+        width = config.width if config.width is not None else "2D"
+        return (
+            f"estimated LFDN fit: {_duration(self.seconds)} ({self.steps} steps x {self.step_s * 1000:.0f} ms, "
+            f"timed over {self.probe_steps} probe steps on {device}; {config.n_blocks} blocks, width {width}, "
+            f"{self.epochs} epochs)"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)
@@ -334,6 +363,40 @@ class DLSRDetector(BaseDetector):
                 bar.close()
         self._raw, self.model = raw.eval(), ema
         self.history = (self.history if warm_start else []) + history
+
+    def estimate_fit(
+        self, n_samples: int, dim: int, *, epochs: int | None = None, probe_steps: int = 3, budget_s: float = 2.0
+    ) -> FitEstimate:
+        """How long `fit` on (n_samples, dim) features would take here: a timed probe of the real training step.
+
+        Trains a throw-away LFDN of this config's shape on random features (the same `_fit_tensor` code, device
+        and autocast as a fit): one warm-up step, then up to `probe_steps` timed steps, fewer when the warm-up
+        says they would take longer than `budget_s`; the time per step times the fit's step count. The detector
+        itself is left untouched. `epochs`: of the fit to estimate (default the config's; a warm refit's fewer).
+        """
+        cfg = self.config
+        epochs = int(cfg.epochs if epochs is None else epochs)
+        total = epochs * math.ceil(int(n_samples) / cfg.batch_size)
+        probe = copy.copy(self)  # shares the diffusion buffers; `_fit_tensor` only rebinds model, _raw, history
+        probe.model = probe._raw = None
+        probe.history = []
+        gen = torch.Generator().manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        x = torch.randn((cfg.batch_size, int(dim)), generator=gen).to(self.device)
+        probe._fit_tensor(x, progress=False, epochs=1)  # warm-up: allocations, kernel choice
+        self._sync()
+        warm = time.perf_counter() - t0
+        k = max(1, min(int(probe_steps), int(budget_s / max(warm, 1e-3))))
+        x = torch.randn((cfg.batch_size * k, int(dim)), generator=gen).to(self.device)
+        t0 = time.perf_counter()
+        probe._fit_tensor(x, progress=False, epochs=1)
+        self._sync()
+        step_s = (time.perf_counter() - t0) / k
+        return FitEstimate(steps=total, step_s=step_s, seconds=total * step_s, probe_steps=k, epochs=epochs)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- scoring -----------------------------------------------------------------------------------------
 

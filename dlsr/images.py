@@ -50,6 +50,15 @@ def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 
         raise ImageDecodeError("decode_failed", f"{type(exc).__name__}: {exc}") from exc
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone, without decoding pixels; None when the header is unreadable."""
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception:  # noqa: BLE001 - unreadable headers are decode_image's to report
+        return None
+
+
 def decoded_bytes(data: bytes) -> int:
     """Upper estimate of the memory `decode_image(data)` holds at its peak, read from the header only.
 

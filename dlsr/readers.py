@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from dlsr.images import ImageDecodeError, decode_image
+from dlsr.images import ImageDecodeError, decode_image, image_size
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -179,6 +179,18 @@ def _folder_reader(root: Path) -> Callable[[list[str]], Iterator[tuple[str, byte
                 yield name, ImageFailure(name, "unreadable", str(exc))
 
     return read
+
+
+def source_side(images: Iterable[ImageItem], *, limit: int = 64) -> int | None:
+    """Median shorter side (px) of the first `limit` readable images, from their headers; None if none is."""
+    sides = []
+    for item in images:
+        size = image_size(item.data)
+        if size is not None:
+            sides.append(min(size))
+        if len(sides) >= limit:
+            break
+    return int(np.median(sides)) if sides else None
 
 
 def array_images(arr: np.ndarray, names: Sequence[str] | None = None) -> MemoryImageSet:

@@ -211,6 +211,9 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
 
     det = ctx.ops.fit(rows(split.fit), warm_from=warm, progress=progress)
     t = _timed(rec, "fit_s", t)
+    estimate = getattr(ctx.ops, "last_estimate", None)  # DlsrOps: what the probe promised, next to fit_s
+    if estimate is not None:
+        rec.timings["fit_estimate_s"] = round(float(estimate.seconds), 3)
     if lock is not None:
         lock.check()
 

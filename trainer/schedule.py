@@ -263,12 +263,14 @@ def build_service(
     progress: bool = True,
     ops: Any | None = None,
     wait: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> TrainerService:
     """Wire a TrainerService from `config.Settings` (Redis, registry, store, dlsr ops, Kafka intake and alerts).
 
     `intake`: consume the vetted topic (the service; `dlsr trainer fit` must not join the service's group).
     `alerts`: send `model` alerts to Kafka (default: same as `intake`).
     `wait`: wait out Redis / Kafka at start-up for their outage budget (the service), instead of bounded retries.
+    `announce`: receives the one-line fit-time estimate before each fit (`dlsr trainer fit` prints it).
 
     Raises StartupError when Redis or Kafka is unreachable after the configured retries.
     """
@@ -285,7 +287,7 @@ def build_service(
         log.critical("Redis held no state for prefix %r: registry rebuilt from the artifact store, %s live",
                      keys.prefix, version)
     store = VettedStore(tr.workdir)
-    ops = ops or DlsrOps(model, tr.detector, tr.refit_epochs)
+    ops = ops or DlsrOps(model, tr.detector, tr.refit_epochs, announce=announce)
     reservoir = BaselineReservoir(redis, keys, max_size=tr.baseline_max)
     recent = RecentAlerts(redis, keys)
     alpha = model.alpha

@@ -318,3 +318,24 @@ def test_common_helpers(data_dir):
     assert len(a) == 3 and sorted(np.concatenate([a, b]).tolist()) == list(range(10))
     assert np.array_equal(a, common.split_indices(10, 3, seed=1)[0])
     assert common.pm([0.5, 0.7]) == "60.00 ± 10.00" and common.pm([0.25]) == "25.00"
+
+
+def test_bench_input_size(tiny_args, tmp_path, capsys):
+    out = tmp_path / "input_size.json"
+    args = [a for a in tiny_args if a not in ("--input-size", "32")]  # the sweep sets the size
+    rc = main(
+        ["bench", "input-size", *args, "--sizes", "32,64", "--train-size", "120", "--cal-size", "40",
+         "--id-size", "60", "--ood-size", "60", "--epochs", "1", "--n-blocks", "1", "--speed-images", "32",
+         "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| input size | pixels vs 32x32 | method |" in printed and "encoder img/s torch" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["input_size"], r["method"]) for r in rows] == [
+        (32, "DLSR-MFsim4"), (32, "Mahalanobis"), (64, "DLSR-MFsim4"), (64, "Mahalanobis")
+    ]
+    for r in rows:
+        assert all(0.0 <= v <= 1.0 for v in r["auroc"].values()) and r["encoder_images_s"]["torch"] > 0
+    rc = main(["bench", "input-size", *args, "--sizes", "32", "--speed-only", "--speed-images", "32", "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["rows"][0]["encoder_images_s"]["torch"] > 0

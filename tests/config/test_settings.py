@@ -145,3 +145,97 @@ def test_model_precision_is_checked(monkeypatch):
     monkeypatch.setenv("DLSR_MODEL__PRECISION", "fp16")
     with pytest.raises(ValidationError, match="precision"):
         Settings()
+
+
+# -- CPU-sized defaults: the LFDN, the input size and the threads resolve from what the fit / host has -------
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cpu", {"n_blocks": 8, "width": "D", "epochs": 20}),
+        ("cuda", {"n_blocks": 16, "width": "2D", "epochs": 150}),
+        ("cuda:1", {"n_blocks": 16, "width": "2D", "epochs": 150}),
+    ],
+)
+def test_lfdn_defaults_per_device(device, expected):
+    from dlsr_monitor.config.settings import lfdn_defaults
+
+    assert lfdn_defaults(device) == expected
+
+
+def test_lfdn_defaults_refuse_an_unresolved_device():
+    from dlsr_monitor.config.settings import lfdn_defaults
+
+    with pytest.raises(ValueError, match="resolve the device first"):
+        lfdn_defaults("auto")
+
+
+def test_auto_lfdn_resolves_from_the_device_the_fit_runs_on():
+    model = Settings().model
+    assert (model.n_blocks, model.width, model.epochs) == ("auto", "auto", "auto")
+    cpu = model.detector_kwargs(device="cpu", dim=512)
+    assert (cpu["n_blocks"], cpu["width"], cpu["epochs"]) == (8, 512, 20)  # width D: the feature width
+    gpu = model.detector_kwargs(device="cuda:0", dim=512)
+    assert (gpu["n_blocks"], gpu["width"], gpu["epochs"]) == (16, None, 150)  # None: the detector's 2D
+    with pytest.raises(ValueError, match="pass dim"):
+        model.detector_kwargs(device="cpu")
+
+
+def test_env_values_win_over_auto_on_every_device(monkeypatch):
+    monkeypatch.setenv("DLSR_MODEL__N_BLOCKS", "16")
+    monkeypatch.setenv("DLSR_MODEL__WIDTH", "2D")
+    monkeypatch.setenv("DLSR_MODEL__EPOCHS", "3")
+    model = Settings().model
+    for device in ("cpu", "cuda"):
+        kw = model.detector_kwargs(device=device, dim=512)
+        assert (kw["n_blocks"], kw["width"], kw["epochs"]) == (16, None, 3)
+    monkeypatch.setenv("DLSR_MODEL__WIDTH", "96")
+    monkeypatch.setenv("DLSR_MODEL__EPOCHS", "0")
+    kw = Settings().model.detector_kwargs(device="cuda", dim=512)
+    assert (kw["width"], kw["epochs"]) == (96, 0)
+
+
+@pytest.mark.parametrize(("name", "value"), [("N_BLOCKS", "0"), ("N_BLOCKS", "big"), ("WIDTH", "3D"), ("EPOCHS", "-1")])
+def test_lfdn_size_refuses_nonsense(monkeypatch, name, value):
+    monkeypatch.setenv(f"DLSR_MODEL__{name}", value)
+    with pytest.raises(ValidationError, match=name.lower()):
+        Settings()
+
+
+def test_input_size_auto_by_default_and_a_number_wins(monkeypatch):
+    model = Settings().model
+    assert model.input_size == "auto"
+    assert model.encoder_kwargs()["input_size"] is None  # nothing resolved yet: the backbone's own size
+    assert model.encoder_kwargs(input_size=128)["input_size"] == 128
+    monkeypatch.setenv("DLSR_MODEL__INPUT_SIZE", "96")
+    model = Settings().model
+    assert model.input_size == 96 and model.encoder_kwargs(input_size=128)["input_size"] == 96
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
+def test_thread_split_never_oversubscribes(cores):
+    from dlsr_monitor.config.settings import thread_split
+
+    runtime, decode = thread_split(cores)
+    assert runtime >= 1 and decode >= 1
+    assert runtime + decode <= max(cores, 2)  # one core still needs one of each
+    assert decode <= runtime  # decoding is the smaller share of the work
+
+
+def test_thread_split_values():
+    from dlsr_monitor.config.settings import thread_split
+
+    assert [thread_split(c) for c in (1, 2, 4, 8, 16)] == [(1, 1), (1, 1), (3, 1), (6, 2), (12, 4)]
+
+
+def test_thread_defaults_follow_the_cpu_affinity_and_env_wins(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    s = Settings()
+    assert (s.model.runtime_threads, s.monitor.decode_threads) == (6, 2)
+    monkeypatch.setenv("DLSR_MONITOR__DECODE_THREADS", "3")
+    monkeypatch.setenv("DLSR_MODEL__RUNTIME_THREADS", "4")
+    s = Settings()
+    assert (s.model.runtime_threads, s.monitor.decode_threads) == (4, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def test_quick_demo_end_to_end(data_dir, test_settings, redis_client, tmp_path):
     assert "started a" not in summary["started"].get("redis", "")  # the reachable test Redis was used
     assert "Tansu" in summary["started"]["kafka"]
     # The dashboard frame it drew, then the summary table.
+    assert re.search(r"estimated LFDN fit: \d", text), text  # before the fit, from a timed probe
     assert "DLSR Monitor" in text and "Sources" in text and "RAISED" in text and "DLSR demo summary" in text
     # It stopped what it started and left no keys behind.
     bootstrap = summary["started"]["kafka"].rsplit(" ", 1)[-1]

@@ -212,3 +212,22 @@ def test_hyperparameter_attributes_read_and_replace_the_config() -> None:
     with pytest.raises(ValueError, match="needs at least 2 layers"):
         DLSRDetector(boundaries=(0, 64)).score_name = "mfsim4"
     assert det.t == 2
+
+
+def test_estimate_fit_times_the_real_step_and_leaves_the_detector_alone(data):
+    x, _ = data
+    det = DLSRDetector(**{**TINY, "epochs": 7, "batch_size": 64})
+    est = det.estimate_fit(1000, D)
+    assert est.steps == 7 * 16 and est.epochs == 7  # ceil(1000 / 64) = 16 steps an epoch
+    assert est.step_s > 0 and est.seconds == pytest.approx(est.steps * est.step_s)
+    assert 1 <= est.probe_steps <= 3
+    assert not det.is_fitted and det.history == []  # the probe trained a throw-away copy
+    line = est.line(det.config, "cpu")
+    assert "\n" not in line and line.startswith("estimated LFDN fit: ") and "112 steps x" in line
+    refit = det.fit(x).estimate_fit(1000, D, epochs=2)  # a warm refit's fewer epochs
+    assert refit.steps == 2 * 16 and det.is_fitted
+
+
+def test_estimate_fit_probe_is_bounded_by_its_budget():
+    det = DLSRDetector(**TINY)
+    assert det.estimate_fit(10_000, D, budget_s=0.0).probe_steps == 1  # a slow warm-up: one timed step

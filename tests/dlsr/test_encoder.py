@@ -128,3 +128,15 @@ def test_bf16_precision_is_its_own_feature_identity(tiny):
     np.testing.assert_allclose(bf16.encode(imgs[2:3], batch_size=1)[0], b[2], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="precision"):
         Encoder.create("test_efficientnet", weights="random", input_size=32, precision="fp16")
+
+
+def test_auto_input_size_per_source_side():
+    from dlsr.encoder import SMALL_SOURCE_SIZE, auto_input_size, native_input_size
+
+    assert native_input_size("tf_efficientnet_lite0") == 224 and native_input_size("tf_efficientnet_lite2") == 260
+    assert auto_input_size(32, 224) == auto_input_size(28, 224) == SMALL_SOURCE_SIZE  # CIFAR-10, MNIST
+    assert auto_input_size(None, 224) == 224  # size unknown: the backbone's own
+    assert auto_input_size(640, 224) == auto_input_size(224, 224) == 224  # never above the backbone's size
+    between = auto_input_size(40, 224)  # the same upsampling as for 32 px, rounded up to the stride (32)
+    assert SMALL_SOURCE_SIZE <= between <= 224 and between % 32 == 0
+    assert auto_input_size(32, 96) == 96  # a backbone trained smaller than the small-source size keeps its own

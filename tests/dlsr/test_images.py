@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlsr.images import ImageDecodeError, decode_image
+from dlsr.images import ImageDecodeError, decode_image, image_size
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -126,3 +126,10 @@ def test_garbage_raises_only_image_decode_error():
         "too_many_pixels",
         "unsupported_mode",
     }
+
+
+def test_image_size_reads_the_header_only():
+    buf = io.BytesIO()
+    Image.new("L", (28, 30)).save(buf, format="PNG")
+    assert image_size(buf.getvalue()) == (28, 30)
+    assert image_size(b"not an image") is None

@@ -100,3 +100,20 @@ def test_array_images_roundtrip_lossless():
     assert [it.name for it in grey] == list("abcde")
     with pytest.raises(ValueError, match="uint8"):
         array_images(arr.astype(np.float32))
+
+
+def test_source_side_is_the_median_shorter_side_from_headers():
+    from dlsr.readers import ImageItem, MemoryImageSet, source_side
+
+    def png(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    sizes = [(32, 32), (32, 48), (64, 30), (500, 400), (32, 32)]
+    images = MemoryImageSet([ImageItem(f"{i}.png", png(w, h)) for i, (w, h) in enumerate(sizes)])
+    assert source_side(images) == 32  # shorter sides 32, 32, 30, 400, 32
+    assert source_side(images, limit=1) == 32
+    broken = MemoryImageSet([ImageItem("x.jpg", b"not an image"), ImageItem("y.png", png(200, 100))])
+    assert source_side(broken) == 100  # unreadable headers are skipped
+    assert source_side(MemoryImageSet([ImageItem("x.jpg", b"nope")])) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -66,6 +67,9 @@ def test_fit_list_jobs_promote_rollback(env, data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "300 new vetted images" in r.stdout and "1 unreadable" in r.stdout
     assert "promoted -> v1" in r.stdout
+    # The fit-time estimate comes before the fit, as one line with a number (from a timed probe of the step).
+    estimate = [line for line in r.stderr.splitlines() if "estimated LFDN fit:" in line]
+    assert len(estimate) == 1 and re.search(r"fit: \d+(\.\d)? (s|min|h) \(\d+ steps x \d+ ms", estimate[0])
 
     r = dlsr(env, "trainer", "fit", "--data", str(folder), "--quiet")  # same data again: a warm refit, v2
     assert r.returncode == 0, r.stderr
@@ -81,6 +85,7 @@ def test_fit_list_jobs_promote_rollback(env, data_dir, tmp_path):
     jobs = [json.loads(line) for line in dlsr(env, "jobs", "--json").stdout.splitlines()]
     assert [j["outcome"] for j in jobs] == ["promoted", "promoted"] and jobs[0]["trigger"] == "fit"
     assert "false_alarm" in jobs[0]["gates"]
+    assert all(j["timings"]["fit_estimate_s"] > 0 for j in jobs)  # the promise, next to fit_s
     assert dlsr(env, "jobs").returncode == 0
 
     r = dlsr(env, "model", "rollback")
