@@ -378,11 +378,12 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
     order = rng.permutation(len(feats))
     n_cal = max(200, len(feats) // 4)
     fit_x, cal_x = feats[order[n_cal:]], feats[order[:n_cal]]
-    console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {opts.alpha})")
+    console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} "
+                  f"(alpha {opts.alpha}, {m.calibration}" + (f" delta {m.delta})" if m.calibration == "pac" else ")"))
     config = DLSRConfig(score=m.score, n_blocks=opts.blocks, width=opts.width, epochs=opts.epochs, batch_size=128)
     detector = DLSRDetector(encoder, config=config, device=device, boundaries=encoder.boundaries)
     detector.fit(fit_x, progress=True)
-    detector.calibrate(cal_x, alpha=opts.alpha)
+    detector.calibrate(cal_x, alpha=opts.alpha, method=m.calibration, delta=m.delta)
     with tempfile.TemporaryDirectory(prefix="dlsr-demo-model-") as tmp:
         path = detector.save(Path(tmp) / "model")
         entry = registry.publish(
@@ -391,6 +392,8 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
             alpha=float(opts.alpha),
             data_sizes={"fit": int(len(fit_x)), "calibration": int(n_cal)},
             extra={"made_by": "dlsr demo"},
+            calibration=m.calibration,
+            delta=m.delta if m.calibration == "pac" else None,
         )
     return {"version": entry.version, "threshold": entry.threshold, "fit_s": time.perf_counter() - t0}
 
