@@ -299,13 +299,14 @@ def test_bench_calibration(tiny_args, tmp_path, capsys):
         assert by["pac", n]["fa_mean"] <= by["marginal", n]["fa_mean"]
     assert payload["meta"]["draws"] == 20 and payload["meta"]["pool_images"] == 600
     assert payload["meta"]["pac_min_calibration"] == {"0.05": 45}
+    assert payload["meta"]["pac_exact_within_delta"] is True  # the exact law of every pac row: P(FA > alpha) <= delta
 
 
 def test_realised_rates_follow_the_beta_law_on_exchangeable_scores():
     from scipy import stats
 
     from dlsr.calibration import pac_rank
-    from dlsr_monitor.bench.calibration import realised_rates
+    from dlsr_monitor.bench.calibration import exact_law, realised_rates
 
     scores = np.random.default_rng(1).random(20000)
     n, alpha, delta = 500, 0.05, 0.1
@@ -315,3 +316,8 @@ def test_realised_rates_follow_the_beta_law_on_exchangeable_scores():
     assert np.quantile(rates["pac"], 0.9) <= alpha
     assert np.quantile(rates["pac"], 0.9) == pytest.approx(stats.beta.ppf(0.9, n - k + 1, k), abs=0.006)
     assert np.mean(rates["marginal"]) == pytest.approx(1 - 476 / 501, abs=0.003)  # marginal: k = 476
+    p90, above = exact_law(n, k, alpha)
+    assert p90 == pytest.approx(stats.beta.ppf(0.9, n - k + 1, k)) and above == pytest.approx(
+        stats.beta.sf(alpha, n - k + 1, k)
+    )
+    assert above <= delta < exact_law(n, k - 1, alpha)[1] and exact_law(n, n + 1, alpha) == (0.0, 0.0)
