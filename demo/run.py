@@ -201,6 +201,9 @@ def build_stream(data: DemoData, per_source: int, *, seed: int = 0) -> list[Stre
     id_items = list(open_images(data.id_test, limit=need_id, seed=seed + 1))
     if len(id_items) < need_id:
         raise StartupError(f"{data.id_test} has {len(id_items)} images; the demo needs {need_id}: {DATA_HINT}")
+    # The subset comes in sorted (class folder) order: shuffled, every source gets every class. Unshuffled,
+    # cam-id took the first classes only (airplane .. deer), whose ID flag rate is not the average alpha.
+    id_items = [id_items[i] for i in np.random.default_rng(seed + 1).permutation(len(id_items))]
     n_ood = per_source - clean
     ood_items = []
     per_set = -(-n_ood // len(data.ood))
