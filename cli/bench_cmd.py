@@ -1,4 +1,4 @@
-"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate, epochs) and the service
+"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate, epochs, calibration) and the service
 throughput benchmark. Each module in `bench/` has `add_arguments(parser)` and `run(args, settings) -> int`;
 the argument definitions are light, the heavy imports (torch, timm) happen inside `run`.
 """
@@ -17,6 +17,7 @@ _BENCHES = {
     "epochs": "AUROC against LFDN training epochs (validation proxy and test sets)",
     "throughput": "end-to-end messages/s of the monitor service",
     "input-size": "AUROC and images/s against the encoder input size for 32x32 sources (CIFAR-10 vs OOD sets)",
+    "calibration": "realised false-alarm rate over random calibration draws: marginal vs pac thresholds",
 }
 
 

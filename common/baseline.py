@@ -1,5 +1,7 @@
 """The baseline reservoir in Redis: vetted in-distribution stream scores per model version and the conformal
 threshold they give. The trainer writes it (vetted intake, refits); the monitor reads the threshold in force.
+The threshold uses the calibration method (marginal or pac, and delta) of the version's registry entry, so the
+guarantee a version was published with still holds when its reservoir takes over.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlsr_monitor.common.redisdata import as_dict, as_float, as_int
+from dlsr_monitor.common.redisdata import as_dict, as_float, as_int, as_str
+
+#: The delta of an entry that records none (dlsr.calibration.DEFAULT_DELTA; not imported: it would load torch).
+DEFAULT_DELTA = 0.1
 
 if TYPE_CHECKING:
     import redis
@@ -54,23 +59,35 @@ class BaselineReservoir:
 
     def _recompute_threshold(self, version: str, alpha: float) -> float | None:
         scores = self.scores(version)
-        if scores.size < self.min_for(alpha):
+        method, delta = self.calibration(version)
+        if scores.size < self.min_for(alpha, method, delta):
             return None
         # Imported here: `dlsr`'s package import loads torch, which the console commands (dashboard, alerts,
         # notify: they reach this module through console.views) never need.
         from dlsr.calibration import conformal_threshold
 
-        threshold = float(conformal_threshold(scores, alpha))
+        threshold = float(conformal_threshold(scores, alpha, method=method, delta=delta))
         self.redis.hset(
             self.keys.baseline_meta(version),
-            mapping={"threshold": repr(threshold), "alpha": repr(alpha), "n": scores.size, "updated": time.time()},
+            mapping={"threshold": repr(threshold), "alpha": repr(alpha), "method": method, "delta": repr(delta),
+                     "n": scores.size, "updated": time.time()},
         )
         return threshold
 
-    def min_for(self, alpha: float) -> int:
+    def min_for(self, alpha: float, method: str = "marginal", delta: float = DEFAULT_DELTA) -> int:
         """Reservoir size needed before its threshold is used."""
-        # Below ceil(1/alpha) - 1 scores the conformal rank exceeds n and no finite threshold exists.
-        return max(self.min_size, int(math.ceil(1.0 / alpha)))
+        # Below this many scores the conformal rank exceeds n and no finite threshold exists (marginal:
+        # ceil(1/alpha) - 1; pac: ceil(log(delta) / log(1 - alpha))).
+        if method == "pac":
+            need = int(math.ceil(math.log(delta) / math.log1p(-alpha)))
+        else:
+            need = int(math.ceil(1.0 / alpha))
+        return max(self.min_size, need)
+
+    def calibration(self, version: str) -> tuple[str, float]:
+        """(method, delta) of the version's registry entry; an entry without them is marginal (delta 0.1)."""
+        method, delta = self.redis.hmget(self.keys.model_entry(version), ["calibration", "delta"])
+        return as_str(method) or "marginal", as_float(delta, DEFAULT_DELTA)
 
     def size(self, version: str) -> int:
         return int(self.redis.llen(self.keys.baseline(version)))
@@ -84,14 +101,16 @@ class BaselineReservoir:
         """Threshold in force for `version`: the reservoir's conformal threshold once it holds enough vetted
         scores, else the registry entry's threshold, else None."""
         meta = as_dict(self.redis.hgetall(self.keys.baseline_meta(version)))
+        method, delta = self.calibration(version)
         if (
             meta.get("threshold")
             and meta.get("alpha")
             and abs(float(meta["alpha"]) - alpha) < 1e-12
-            and as_int(meta.get("n")) >= self.min_for(alpha)
+            and (meta.get("method") or "marginal") == method
+            and as_int(meta.get("n")) >= self.min_for(alpha, method, delta)
         ):
             return float(meta["threshold"])
-        if self.size(version) >= self.min_for(alpha):
+        if self.size(version) >= self.min_for(alpha, method, delta):
             value = self._recompute_threshold(version, alpha)
             if value is not None:
                 return value

@@ -19,9 +19,10 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 #: 2 added `sha256` (content hash of the input value) and, when the model has per-stage calibration, `layers`
-#: and `shift`; version 1 records (without them) still parse. Changes are additive: a consumer of version N
-#: reads version N + 1 by ignoring the fields it does not know.
-SCHEMA_VERSION = 2
+#: and `shift`; version 1 records (without them) still parse. 3 added `guarantee` and `delta` to score records
+#: (which false-alarm guarantee the threshold holds); version 1 and 2 records (without them) still parse.
+#: Changes are additive: a consumer of version N reads version N + 1 by ignoring the fields it does not know.
+SCHEMA_VERSION = 3
 
 #: Dead-letter headers added to the original ones (bytes, utf-8).
 DLQ_ERROR = "error"  # short slug, e.g. "too_many_pixels", "not_an_image"
@@ -80,6 +81,19 @@ SHIFT_DESCRIPTION = (
 )
 
 
+#: What the guarantee fields say (ScoreRecord; README "Message contract").
+GUARANTEE_DESCRIPTION = (
+    "Which false-alarm guarantee the threshold in force holds (the model's calibration method, also when the "
+    "threshold comes from the vetted baseline reservoir): 'marginal' = in-distribution images are flagged at "
+    "most alpha of the time on average over calibration sets (one calibration set may realise more); 'pac' = "
+    "at most alpha for this calibration set, with probability at least 1 - `delta`. Absent in records of "
+    "schema version 1 and 2"
+)
+DELTA_DESCRIPTION = (
+    "Present with guarantee 'pac': the chance that the calibration set realises a false-alarm rate above alpha"
+)
+
+
 class ScoreRecord(_Record):
     """One per scored input message on `dlsr.scores`."""
 
@@ -106,8 +120,10 @@ class ScoreRecord(_Record):
     )
     layers: list[float] | None = Field(default=None, description=LAYERS_DESCRIPTION)
     shift: Literal["low_level", "semantic", "mixed"] | None = Field(default=None, description=SHIFT_DESCRIPTION)
+    guarantee: Literal["marginal", "pac"] | None = Field(default=None, description=GUARANTEE_DESCRIPTION)
+    delta: float | None = Field(default=None, description=DELTA_DESCRIPTION)
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"layers", "shift"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"layers", "shift", "guarantee", "delta"})
 
     def wire_exclude(self) -> set[str] | None:
         out = super().wire_exclude() or set()
@@ -148,7 +164,10 @@ class WindowStats(BaseModel):
     images: int
     ood: int
     rate: float
-    null_rate: float = Field(description="OOD rate expected in distribution (alpha x drift null factor)")
+    null_rate: float = Field(
+        description="OOD rate expected in distribution: the upper 1 - delta bound of the false-alarm rate the "
+        "calibration in force realises (alpha x drift null factor when that override is set)"
+    )
     p_value: float = Field(description="One-sided binomial p-value of the window against null_rate")
     window_s: float
     since: float

@@ -144,6 +144,11 @@ class ModelEntry:
     created: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     forced: dict[str, Any] | None = None  # set when an operator made it live past the model checks (--force)
+    # Which guarantee the threshold holds (dlsr.calibration): "marginal" (false alarms <= alpha on average over
+    # calibration sets) or "pac" (<= alpha for this calibration set with probability >= 1 - delta). Entries
+    # written before these fields read as marginal with no delta.
+    calibration: str = "marginal"
+    delta: float | None = None
 
     def to_hash(self) -> dict[str, str]:
         """Redis hash fields (strings; dicts as JSON)."""
@@ -159,6 +164,8 @@ class ModelEntry:
             "created": repr(float(self.created)),
             "extra": json.dumps(self.extra, sort_keys=True, default=str),
             "forced": json.dumps(self.forced, sort_keys=True) if self.forced else "",
+            "calibration": self.calibration,
+            "delta": "" if self.delta is None else repr(float(self.delta)),
         }
 
     @classmethod
@@ -177,6 +184,8 @@ class ModelEntry:
             created=float(h.get("created") or 0.0),
             extra=json.loads(h.get("extra") or "{}"),
             forced=json.loads(h.get("forced") or "null"),
+            calibration=h.get("calibration") or "marginal",
+            delta=float(h["delta"]) if h.get("delta") else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -193,6 +202,8 @@ class ModelEntry:
             "created": self.created,
             "extra": self.extra,
             "forced": self.forced,
+            "calibration": self.calibration,
+            "delta": self.delta,
         }
 
 
@@ -328,8 +339,11 @@ class Registry:
         parent: str | None = None,
         extra: Mapping[str, Any] | None = None,
         move: bool = False,
+        calibration: str = "marginal",
+        delta: float | None = None,
     ) -> ModelEntry:
-        """Store the artifact and add a registry entry under the next version number; does not promote."""
+        """Store the artifact and add a registry entry under the next version number; does not promote.
+        `calibration` / `delta`: which guarantee the threshold holds (the detector's `calibration_method`)."""
         digest, path = self.store_artifact(artifact_dir, move=move)
         created = time.time()
         draft = ModelEntry(
@@ -343,6 +357,8 @@ class Registry:
             parent=parent,
             created=created,
             extra=dict(extra or {}),
+            calibration=str(calibration),
+            delta=None if delta is None else float(delta),
         )
         entry = self.entry(self._add_entry(draft))
         self._journal(entry)
@@ -421,6 +437,8 @@ class Registry:
         extra: Mapping[str, Any] | None = None,
         expected: str | None | object = ANY,
         move: bool = False,
+        calibration: str = "marginal",
+        delta: float | None = None,
     ) -> ModelEntry:
         """Store, register and make current in one call.
 
@@ -437,6 +455,8 @@ class Registry:
             parent=parent,
             extra=extra,
             move=move,
+            calibration=calibration,
+            delta=delta,
         )
         self.promote(entry.version, expected=expected)
         return entry

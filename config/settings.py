@@ -282,6 +282,14 @@ class ModelSettings(BaseModel):
         "(mahalanobis led the full-data benchmark, bench/results/ood_full_lite2.md)",
     )
     alpha: float = Field(0.01, gt=0, lt=1, description="Target false-alarm rate of the conformal threshold")
+    calibration: Literal["marginal", "pac"] = Field(
+        "pac",
+        description="pac: false alarms <= alpha for this calibration set with probability >= 1 - delta; "
+        "marginal: <= alpha only on average over calibration sets (the library's default)",
+    )
+    delta: float = Field(
+        0.1, gt=0, lt=1, description="pac: allowed chance that the calibration set misses alpha; the drift null's level"
+    )
     artifact_store: Path = Field(
         Path("artifacts"), description="Content-addressed directory of model artifacts"
     )
@@ -460,10 +468,11 @@ class MonitorSettings(BaseModel):
     bucket_s: int = Field(60, ge=1, description="Width of one per-source window bucket, seconds (event time)")
     window_buckets: int = Field(10, ge=1, description="Buckets in the sliding drift window")
     window_ttl_s: int = Field(24 * 3600, ge=60, description="Window buckets expire after this many seconds")
-    drift_null_factor: float = Field(
-        2.0,
+    drift_null_factor: float | None = Field(
+        None,
         ge=1.0,
-        description="In distribution the OOD-flag rate is at most alpha x this factor (the test's null)",
+        description="Override of the drift null: OOD-flag rate alpha x this factor (unset: the calibration's "
+        "upper 1 - delta bound of the false-alarm rate)",
     )
     drift_raise_p: float = Field(
         1e-6,

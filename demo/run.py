@@ -201,6 +201,9 @@ def build_stream(data: DemoData, per_source: int, *, seed: int = 0) -> list[Stre
     id_items = list(open_images(data.id_test, limit=need_id, seed=seed + 1))
     if len(id_items) < need_id:
         raise StartupError(f"{data.id_test} has {len(id_items)} images; the demo needs {need_id}: {DATA_HINT}")
+    # The subset comes in sorted (class folder) order: shuffled, every source gets every class. Unshuffled,
+    # cam-id took the first classes only (airplane .. deer), whose ID flag rate is not the average alpha.
+    id_items = [id_items[i] for i in np.random.default_rng(seed + 1).permutation(len(id_items))]
     n_ood = per_source - clean
     ood_items = []
     per_set = -(-n_ood // len(data.ood))
@@ -378,13 +381,14 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
     order = rng.permutation(len(feats))
     n_cal = max(200, len(feats) // 4)
     fit_x, cal_x = feats[order[n_cal:]], feats[order[:n_cal]]
-    console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} (alpha {opts.alpha})")
+    console.print(f"[bold]fit[/] training the LFDN on {len(fit_x)} features, calibrating on {n_cal} "
+                  f"(alpha {opts.alpha}, {m.calibration}" + (f" delta {m.delta})" if m.calibration == "pac" else ")"))
     config = DLSRConfig(score=m.score, n_blocks=opts.blocks, width=opts.width, epochs=opts.epochs, batch_size=128)
     detector = DLSRDetector(encoder, config=config, device=device, boundaries=encoder.boundaries)
     estimate = detector.estimate_fit(len(fit_x), fit_x.shape[1])
     console.print(f"[bold]fit[/] {estimate.line(detector.config, str(detector.device))}")
     detector.fit(fit_x, progress=True)
-    detector.calibrate(cal_x, alpha=opts.alpha)
+    detector.calibrate(cal_x, alpha=opts.alpha, method=m.calibration, delta=m.delta)
     with tempfile.TemporaryDirectory(prefix="dlsr-demo-model-") as tmp:
         path = detector.save(Path(tmp) / "model")
         entry = registry.publish(
@@ -393,6 +397,8 @@ def fit_quick_model(settings: Settings, opts: DemoOptions, data: DemoData, regis
             alpha=float(opts.alpha),
             data_sizes={"fit": int(len(fit_x)), "calibration": int(n_cal)},
             extra={"made_by": "dlsr demo"},
+            calibration=m.calibration,
+            delta=m.delta if m.calibration == "pac" else None,
         )
     return {"version": entry.version, "threshold": entry.threshold, "fit_s": time.perf_counter() - t0}
 

@@ -8,7 +8,7 @@ from dlsr.artifacts import artifact_digest, load_detector, save_detector
 from dlsr.base import BaseDetector, Prediction, detector_class, detector_kinds, register_detector
 from dlsr.baselines import KNNDetector, MahalanobisDetector
 from dlsr.cache import FeatureCache
-from dlsr.calibration import conformal_threshold, p_values
+from dlsr.calibration import conformal_threshold, false_alarm_bound, min_calibration_size, p_values
 from dlsr.detector import DLSRConfig, DLSRDetector
 from dlsr.diffusion import SCHEDULES, GaussianDiffusion
 from dlsr.encoder import Encoder
@@ -56,8 +56,10 @@ __all__ = [
     "decode_image",
     "detector_class",
     "detector_kinds",
+    "false_alarm_bound",
     "fpr_at_tpr",
     "load_detector",
+    "min_calibration_size",
     "ood_metrics",
     "open_images",
     "p_values",

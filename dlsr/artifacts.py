@@ -2,7 +2,8 @@
 
 Layout (format version 1):
     weights.safetensors   the fitted model as named tensors (never pickled objects)
-    calibration.json      {"alpha", "threshold", "n", "scores"} or {} when not calibrated; from a calibration on
+    calibration.json      {"alpha", "method", "delta", "threshold", "n", "scores"} or {} when not calibrated
+                          (an artifact without "method" was calibrated marginally: it loads so); from a calibration on
                           features also "stage_scores" (n rows of S per-stage scores) and "reference"
                           ({"features": m rows of D, "scores": m}: the model checks' reference sample).
                           Artifacts without these keys load with the attributes None.
@@ -124,6 +125,8 @@ def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | N
             assert detector.calibration_scores is not None and detector.threshold is not None
             cal: dict[str, Any] = {
                 "alpha": detector.alpha,
+                "method": detector.calibration_method,
+                "delta": detector.delta,
                 "threshold": _json_float(float(detector.threshold)),
                 "n": int(detector.calibration_scores.size),
                 # Python's float repr round-trips float64 exactly.
@@ -154,6 +157,8 @@ def save_detector(detector: BaseDetector, path: str | Path, *, metrics: dict | N
             "training": {"n_samples": detector.n_train, "history": list(getattr(detector, "history", []))},
             "calibration": {
                 "alpha": detector.alpha,
+                "method": detector.calibration_method,
+                "delta": detector.delta,
                 "n": 0 if detector.calibration_scores is None else int(detector.calibration_scores.size),
                 "threshold": None if detector.threshold is None else _json_float(float(detector.threshold)),
             },
@@ -342,6 +347,9 @@ def load_detector(
         if cal:
             det.calibration_scores = np.asarray(cal["scores"], dtype=np.float64)
             det.alpha = float(cal["alpha"])
+            # Artifacts older than the pac calibration have no "method": their threshold is the marginal one.
+            det.calibration_method = str(cal.get("method") or "marginal")
+            det.delta = float(cal["delta"]) if cal.get("delta") is not None else None
             det.threshold = _parse_float(cal["threshold"])
             _load_evidence(det, cal, cal_path)
     return det

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dlsr.calibration import check_alpha, conformal_threshold, p_values
+from dlsr.calibration import (
+    DEFAULT_DELTA,
+    check_alpha,
+    check_delta,
+    check_method,
+    conformal_threshold,
+    p_values,
+)
 from dlsr.devices import resolve_device
 from dlsr.evidence import stage_p_values as _stage_p_values
 from dlsr.exceptions import (
@@ -100,7 +107,8 @@ class BaseDetector:
 
     Subclasses set `kind` and implement `_fit_tensor`, `_score_tensor`, `hyperparameters`, `state_tensors` and
     `_load_state`; those with per-stage scores also `_score_tensor_stages` and `has_stage_scores`. State: `dim`,
-    `boundaries`, `encoder_identity`, `n_train`, `alpha`, `threshold`, `calibration_scores` and, from a
+    `boundaries`, `encoder_identity`, `n_train`, `alpha`, `calibration_method`, `delta`, `threshold`,
+    `calibration_scores` and, from a
     calibration on features or images, `stage_calibration_scores` (n, S) and the reference sample
     (`reference_features`, `reference_scores`: the first `REFERENCE_ROWS` calibration rows and their scores):
     everything needed to save and restore the detector exactly. An artifact saved before the per-stage
@@ -147,6 +155,8 @@ class BaseDetector:
         self.encoder_name: str | None = None
         self.n_train: int = 0
         self.alpha: float | None = None
+        self.calibration_method: str | None = None  # "marginal" | "pac": which guarantee the threshold gives
+        self.delta: float | None = None  # pac: chance that this calibration set's false-alarm rate exceeds alpha
         self.threshold: float | None = None
         self.calibration_scores: np.ndarray | None = None
         self.stage_calibration_scores: np.ndarray | None = None  # (n, S), same calibration split
@@ -177,6 +187,7 @@ class BaseDetector:
 
     def _drop_calibration(self) -> None:
         self.alpha = self.threshold = self.calibration_scores = None
+        self.calibration_method = self.delta = None
         self.stage_calibration_scores = self.reference_features = self.reference_scores = None
 
     def _adopt_encoder(self, encoder: Encoder) -> None:
@@ -443,6 +454,8 @@ class BaseDetector:
         images: Any = None,
         scores: np.ndarray | None = None,
         alpha: float = 0.01,
+        method: str = "marginal",
+        delta: float = DEFAULT_DELTA,
     ) -> BaseDetector:
         """Set the conformal threshold from held-out in-distribution data (never the training data).
 
@@ -453,8 +466,11 @@ class BaseDetector:
         Args:
             features / images / scores: the held-out ID set, or its precomputed scores.
             alpha: target false-alarm rate in (0, 1).
+            method: "marginal" (false alarms <= alpha on average over calibration sets) or "pac" (<= alpha for
+                this calibration set with probability >= 1 - delta); see `dlsr.calibration`.
+            delta: the pac method's allowed chance of a calibration set that misses alpha.
         """
-        alpha = check_alpha(alpha)
+        alpha, method, delta = check_alpha(alpha), check_method(method), check_delta(delta)
         stage_cal = x_cal = None
         if scores is None:
             self._require_fitted()
@@ -468,9 +484,10 @@ class BaseDetector:
         if images is not None and self.failures and int(np.isnan(cal).sum()) == len(self.failures):
             rows = np.flatnonzero(~np.isnan(cal))  # the undecodable images (named in self.failures)
             cal = cal[rows]
-        threshold = conformal_threshold(cal, alpha)  # validates: non-empty, finite
+        threshold = conformal_threshold(cal, alpha, method=method, delta=delta)  # validates: non-empty, finite
         self._drop_calibration()
         self.calibration_scores, self.alpha, self.threshold = cal, alpha, threshold
+        self.calibration_method, self.delta = method, delta
         if stage_cal is not None:
             stage_cal = stage_cal[rows]
             if np.isfinite(stage_cal).all():

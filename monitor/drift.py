@@ -2,8 +2,9 @@
 
 Under ID data each image is flagged OOD with probability at most alpha (the conformal guarantee). Over a sliding
 window of n images with k flags we test H0: rate <= p0 with the exact one-sided binomial tail
-P(X >= k | n, p0), where p0 = alpha x `null_factor` (a margin for the finite calibration set and mild,
-harmless shifts). Hysteresis: raise when the p-value falls below `raise_p`, clear only when it climbs back
+P(X >= k | n, p0). p0 is the `null_rate` the service derives from the model's calibration (the upper 1 - delta
+bound of the false-alarm rate this calibration set realises, `dlsr.calibration.false_alarm_bound`), unless a
+`null_factor` overrides it with alpha x null_factor (the former fixed margin). Hysteresis: raise when the p-value falls below `raise_p`, clear only when it climbs back
 above `clear_p` (much larger), so a source near the boundary does not flap.
 
 False-alarm budget: one evaluation raises falsely with probability <= raise_p; a clean stream of N images
@@ -20,6 +21,9 @@ from functools import lru_cache
 from typing import Literal
 
 DriftState = Literal["ok", "raised"]
+
+#: The null's margin over alpha when neither a factor nor a calibration bound is given (offline use, tests).
+DEFAULT_NULL_FACTOR = 2.0
 
 
 @lru_cache(maxsize=65536)
@@ -75,29 +79,38 @@ class DriftTest:
 
     Args:
         alpha: the detector's target false-alarm rate (per image).
-        null_factor: H0 rate = alpha x null_factor (>= 1).
+        null_factor: override: H0 rate = alpha x null_factor (>= 1).
         raise_p: raise when the window's p-value < raise_p.
         clear_p: clear when the p-value > clear_p (must be > raise_p: that gap is the hysteresis).
         min_images: windows with fewer images keep the current state.
+        calibration_null: H0 rate when no null_factor is given: the upper 1 - delta bound of the false-alarm
+            rate the model's calibration realises (in (0, 1)). Without either, alpha x `DEFAULT_NULL_FACTOR`.
     """
 
     alpha: float = 0.01
-    null_factor: float = 2.0
+    null_factor: float | None = None
     raise_p: float = 1e-6
     clear_p: float = 0.05
     min_images: int = 50
+    calibration_null: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.null_factor < 1.0:
+        if self.null_factor is not None and self.null_factor < 1.0:
             raise ValueError(f"null_factor must be >= 1, got {self.null_factor}")
+        if self.calibration_null is not None and not 0.0 < self.calibration_null < 1.0:
+            raise ValueError(f"calibration_null must be in (0, 1), got {self.calibration_null}")
         if not 0.0 < self.raise_p < self.clear_p < 1.0:
             raise ValueError(f"need 0 < raise_p < clear_p < 1, got raise_p={self.raise_p}, clear_p={self.clear_p}")
 
     @property
     def null_rate(self) -> float:
-        return min(self.alpha * self.null_factor, 0.999999)
+        """H0's OOD-flag rate: alpha x null_factor when set (the override), else the calibration's bound."""
+        if self.null_factor is None and self.calibration_null is not None:
+            return min(self.calibration_null, 0.999999)
+        factor = DEFAULT_NULL_FACTOR if self.null_factor is None else self.null_factor
+        return min(self.alpha * factor, 0.999999)
 
     def evaluate(self, state: DriftState, images: int, ood: int) -> DriftDecision:
         """Decide the next state of a source whose window holds `images` images, `ood` of them flagged."""

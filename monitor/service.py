@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from dlsr.calibration import p_values
+from dlsr.calibration import DEFAULT_DELTA, false_alarm_bound, p_values
 from dlsr.evidence import shift_of, stage_p_values
 from dlsr.images import decoded_bytes
 from dlsr_monitor.common.connections import (
@@ -206,6 +206,13 @@ def _dead_letter(m: Message, meta: InputMeta, reason: str, detail: str) -> _Rout
     return None, (m.key, value, headers), WindowRecord(m.offset, meta.source, meta.ts, scored=False), None
 
 
+def _guarantee(handle: ModelHandle) -> dict[str, Any]:
+    """The score record's `guarantee` (and `delta` for pac): the live model's calibration method."""
+    method = getattr(handle.detector, "calibration_method", None) or "marginal"
+    delta = getattr(handle.detector, "delta", None)
+    return {"guarantee": method, "delta": float(delta)} if method == "pac" and delta else {"guarantee": method}
+
+
 def _route_one(
     m: Message,
     meta: InputMeta,
@@ -249,6 +256,7 @@ def _route_one(
     rec = ScoreRecord(
         **facts, is_ood=is_ood, latency_ms=max(0.0, latency), instance=instance,
         sha256=hashlib.sha256(m.value or b"").hexdigest(), input_notes=list(meta.notes) or None,
+        **_guarantee(handle),
     )
     key = meta.source.encode()
     window = WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score)
@@ -308,6 +316,7 @@ class MonitorService:
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlsr-prepare")
         self._events: queue.Queue = events if events is not None else queue.Queue()
         self._thresholds: dict[str, tuple[float, float, np.ndarray | None]] = {}  # version -> (t, when, cal)
+        self._null: tuple[tuple[str, float, int], float | None] | None = None  # (version, t, n) -> drift null
         self.stats = RunStats()
         self._last_beat = 0.0
         self._beat_count = 0
@@ -415,6 +424,34 @@ class MonitorService:
         self._thresholds = {handle.version: (threshold, now, cal)}
         return threshold, cal
 
+    def _null_rate(self, handle: ModelHandle) -> float | None:
+        """The drift test's null: the upper 1 - delta bound of the false-alarm rate at the threshold in force.
+
+        The scores that gave the threshold in force are used: the vetted baseline reservoir once it holds
+        `baseline_min` scores (the deployment's own stream, and the larger set: a tighter bound), else the
+        artifact's calibration scores. With k = #{scores <= threshold} of n this is the Clopper-Pearson upper
+        bound for n - k flags in n, which for a threshold that is the k-th order statistic of those same scores
+        equals the 1 - delta quantile of the Beta(n - k + 1, k) law of its realised rate. Computed once per
+        (version, threshold, n), not per batch. None (DriftTest's default null) when there is nothing to bound.
+        """
+        if self.cfg.drift_null_factor is not None:
+            return None
+        threshold, cal = self._threshold(handle)
+        n = 0 if cal is None else len(cal)
+        key = (handle.version, float(threshold), n)
+        if self._null is not None and self._null[0] == key:
+            return self._null[1]
+        null = None
+        if n and math.isfinite(threshold):
+            delta = getattr(handle.detector, "delta", None) or DEFAULT_DELTA  # older artifacts: marginal, no delta
+            k = int(np.count_nonzero(np.asarray(cal, dtype=np.float64) <= threshold))
+            null = false_alarm_bound(n, k, delta)
+            null = null if 0.0 < null < 1.0 else None
+            log.info("model %s: drift null rate %.4g (false-alarm bound of %d scores at %.6g, delta %g)",
+                     handle.version, null or float("nan"), n, threshold, delta)
+        self._null = (key, null)
+        return null
+
     # ---- one batch: score -> route -> apply -> emit -> commit --------------------------------------------
     def _process(self, prep: _Prepared) -> None:
         prep = self._owned_only(prep)
@@ -520,6 +557,7 @@ class MonitorService:
         test = DriftTest(
             alpha=float(handle.alpha),
             null_factor=self.cfg.drift_null_factor,
+            calibration_null=self._null_rate(handle),
             raise_p=self.cfg.drift_raise_p,
             clear_p=self.cfg.drift_clear_p,
             min_images=self.cfg.drift_min_images,

@@ -7,7 +7,6 @@ in milliseconds and production runs it on `DlsrOps` (dlsr Encoder + FeatureCache
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import socket
 import time
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from dlsr.calibration import min_calibration_size
 from dlsr_monitor.common.keys import Keys
 from dlsr_monitor.common.registry import PointerConflictError, Registry
 from dlsr_monitor.trainer import gates as G
@@ -53,9 +53,11 @@ class ModelOps(Protocol):
 
 @dataclass
 class JobConfig:
-    """The knobs of one job (from TrainerSettings + ModelSettings.alpha)."""
+    """The knobs of one job (from TrainerSettings + ModelSettings alpha, calibration and delta)."""
 
     alpha: float = 0.01
+    calibration: str = "pac"  # the threshold's guarantee (dlsr.calibration): "marginal" or "pac"
+    delta: float = 0.1
     holdout_fraction: float = 0.1
     calibration_fraction: float = 0.2
     reference_size: int = 500
@@ -88,9 +90,10 @@ class JobContext:
             self.history = JobHistory(self.redis, self.keys)
 
 
-def min_calibration(alpha: float) -> int:
-    """Smallest calibration set whose conformal threshold is finite: ceil((n+1)(1-alpha)) <= n."""
-    return math.ceil((1.0 - alpha) / alpha)
+def min_calibration(alpha: float, method: str = "marginal", delta: float = 0.1) -> int:
+    """Smallest calibration set whose conformal threshold is finite (marginal: ceil((n+1)(1-alpha)) <= n;
+    pac: (1 - alpha)^n <= delta)."""
+    return min_calibration_size(alpha, method=method, delta=delta)
 
 
 def _last_total(history: JobHistory) -> int:
@@ -172,10 +175,11 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
         since_index=since,
     )
     rec.data_sizes = split.sizes()
-    need = min_calibration(cfg.alpha)
+    need = min_calibration(cfg.alpha, cfg.calibration, cfg.delta)
     if len(split.calibration) < need:
+        asked = f"alpha={cfg.alpha}" + (f" with delta={cfg.delta} (pac)" if cfg.calibration == "pac" else "")
         raise JobError(
-            f"calibration split has {len(split.calibration)} images; alpha={cfg.alpha} needs at least {need}: "
+            f"calibration split has {len(split.calibration)} images; {asked} needs at least {need}: "
             "add vetted images, raise alpha, or raise trainer.calibration_fraction"
         )
     if len(split.fit) < cfg.min_fit:
@@ -224,7 +228,7 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
     if finite_cal.size == cal_scores.size:
         # From the features, not the scores: the per-stage calibration (`layers` / `shift` in score records)
         # and the reference sample of the model checks come with them; the scores are the same (deterministic).
-        det.calibrate(rows(split.calibration), alpha=cfg.alpha)
+        det.calibrate(rows(split.calibration), alpha=cfg.alpha, method=cfg.calibration, delta=cfg.delta)
         threshold = float(det.threshold)
     else:
         threshold = float("nan")  # the finite gate fails below; calibrating on NaN would only raise here
@@ -288,6 +292,8 @@ def _run(ctx: JobContext, rec: JobRecord, lock: JobLock | None, work: Path, prog
             extra={"job_id": rec.job_id, "trigger": rec.trigger, "encoder": ctx.ops.identity()},
             expected=rec.parent,
             move=True,
+            calibration=cfg.calibration,
+            delta=cfg.delta if cfg.calibration == "pac" else None,
         )
     except PointerConflictError as exc:
         rec.outcome = CONFLICT

@@ -36,7 +36,7 @@ from dlsr_monitor.trainer.lock import JobLock
 if TYPE_CHECKING:
     import redis
 
-    from dlsr_monitor.config.settings import Settings, TrainerSettings
+    from dlsr_monitor.config.settings import ModelSettings, Settings, TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,14 @@ def request_run(redis: redis.Redis, keys: Keys, by: str = "cli") -> None:
     redis.set(keys.trainer_trigger(), json.dumps({"by": by, "at": time.time()}))
 
 
-def job_config(trainer: TrainerSettings, alpha: float) -> JobConfig:
-    """JobConfig from `config.TrainerSettings` (every field the two share) and the model's alpha."""
+def job_config(trainer: TrainerSettings, model: ModelSettings) -> JobConfig:
+    """JobConfig from `config.TrainerSettings` (every field the two share) and the model's alpha, calibration
+    method and delta."""
     shared = {f.name for f in dataclasses.fields(JobConfig)} & set(type(trainer).model_fields)
-    return JobConfig(alpha=alpha, **{name: getattr(trainer, name) for name in shared})
+    return JobConfig(
+        alpha=model.alpha, calibration=model.calibration, delta=model.delta,
+        **{name: getattr(trainer, name) for name in shared},
+    )
 
 
 @dataclass
@@ -325,7 +329,7 @@ def build_service(
         registry=registry,
         store=store,
         ops=ops,
-        config=job_config(tr, alpha),
+        config=job_config(tr, model),
         history=JobHistory(redis, keys, keep=tr.keep_jobs),
         on_alert=on_alert,
         add_baseline=lambda v, s: reservoir.add(v, s, alpha),

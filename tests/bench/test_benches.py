@@ -339,3 +339,50 @@ def test_bench_input_size(tiny_args, tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in r["auroc"].values()) and r["encoder_images_s"]["torch"] > 0
     rc = main(["bench", "input-size", *args, "--sizes", "32", "--speed-only", "--speed-images", "32", "--json", str(out)])
     assert rc == 0 and json.loads(out.read_text())["rows"][0]["encoder_images_s"]["torch"] > 0
+
+
+def test_bench_calibration(tiny_args, tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    rc = main(["bench", "calibration", *tiny_args, "--quick", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| method | n | alpha | delta | rank k | FA mean % | FA p90 % | FA p99 %" in printed
+    assert "pac keeps the 90th percentile within alpha at delta 0.1:" in printed
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"rows", "meta"}
+    rows = payload["rows"]
+    assert [(r["method"], r["n"], r["alpha"]) for r in rows] == [
+        (m, n, 0.05) for n in (100, 250) for m in ("marginal", "pac")
+    ]
+    for r in rows:
+        assert set(r) == {"method", "n", "alpha", "delta", "fa_mean", "fa_p90", "fa_p99"}
+        assert 0.0 <= r["fa_mean"] <= r["fa_p99"] <= 1.0 and r["fa_p90"] <= r["fa_p99"]
+        assert r["delta"] == (0.1 if r["method"] == "pac" else None)
+    # pac is never looser than marginal on the same draws.
+    by = {(r["method"], r["n"]): r for r in rows}
+    for n in (100, 250):
+        assert by["pac", n]["fa_mean"] <= by["marginal", n]["fa_mean"]
+    assert payload["meta"]["draws"] == 20 and payload["meta"]["pool_images"] == 600
+    assert payload["meta"]["pac_min_calibration"] == {"0.05": 45}
+    assert payload["meta"]["pac_exact_within_delta"] is True  # the exact law of every pac row: P(FA > alpha) <= delta
+
+
+def test_realised_rates_follow_the_beta_law_on_exchangeable_scores():
+    from scipy import stats
+
+    from dlsr.calibration import pac_rank
+    from dlsr_monitor.bench.calibration import exact_law, realised_rates
+
+    scores = np.random.default_rng(1).random(20000)
+    n, alpha, delta = 500, 0.05, 0.1
+    rates = realised_rates(scores, n, alpha, draws=400, delta=delta, seed=0)
+    k = pac_rank(n, alpha, delta)
+    # The pac rate's 90th percentile is near the Beta(n - k + 1, k) 0.9 quantile and within alpha.
+    assert np.quantile(rates["pac"], 0.9) <= alpha
+    assert np.quantile(rates["pac"], 0.9) == pytest.approx(stats.beta.ppf(0.9, n - k + 1, k), abs=0.006)
+    assert np.mean(rates["marginal"]) == pytest.approx(1 - 476 / 501, abs=0.003)  # marginal: k = 476
+    p90, above = exact_law(n, k, alpha)
+    assert p90 == pytest.approx(stats.beta.ppf(0.9, n - k + 1, k)) and above == pytest.approx(
+        stats.beta.sf(alpha, n - k + 1, k)
+    )
+    assert above <= delta < exact_law(n, k - 1, alpha)[1] and exact_law(n, n + 1, alpha) == (0.0, 0.0)

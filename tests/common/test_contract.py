@@ -66,6 +66,22 @@ def test_per_stage_evidence_fields_are_optional_and_left_out_while_absent():
         ScoreRecord(**base, is_ood=True, latency_ms=3.0, instance="m", shift="texture")
 
 
+def test_guarantee_fields_are_additive_and_older_records_still_parse():
+    base = dict(image_id="x", source="s", topic="in", partition=0, offset=1, ts=1.0, score=0.9, threshold=0.5,
+                p_value=0.01, model_version="1", is_ood=True, latency_ms=3.0, instance="m")
+    pac = ScoreRecord(**base, guarantee="pac", delta=0.1)
+    wire = json.loads(pac.to_bytes())
+    assert (wire["guarantee"], wire["delta"], wire["schema_version"]) == ("pac", 0.1, SCHEMA_VERSION)
+    assert parse_score(pac.to_bytes()) == pac
+    marginal = json.loads(ScoreRecord(**base, guarantee="marginal").to_bytes())
+    assert marginal["guarantee"] == "marginal" and "delta" not in marginal
+    for version in (1, 2):  # records written before the field: no guarantee, still valid
+        old = parse_score(json.dumps({**base, "schema_version": version}))
+        assert old.guarantee is None and old.delta is None and old.schema_version == version
+    with pytest.raises(ValidationError):
+        ScoreRecord(**base, guarantee="conditional")
+
+
 def test_alerts_are_discriminated_by_kind():
     w = WindowStats(images=100, ood=30, rate=0.3, null_rate=0.02, p_value=1e-9, window_s=600, since=0, until=600)
     items = [

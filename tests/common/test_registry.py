@@ -39,6 +39,16 @@ def test_publish_stores_by_digest_and_moves_pointer(reg, tmp_path):
     assert reg.verify(got) == reg.store_root / digest
 
 
+def test_entries_record_their_guarantee_and_old_entries_read_as_marginal(reg, rkeys, tmp_path):
+    client, keys = rkeys
+    e = reg.publish(make_artifact(tmp_path, "a", b"one"), threshold=1.0, alpha=0.05, calibration="pac", delta=0.1)
+    assert (e.calibration, e.delta) == ("pac", 0.1) and reg.entry(e.version).as_dict()["calibration"] == "pac"
+    e2 = reg.publish(make_artifact(tmp_path, "b", b"two"), threshold=1.0, alpha=0.05)
+    assert (e2.calibration, e2.delta) == ("marginal", None)
+    client.hdel(keys.model_entry(e.version), "calibration", "delta")  # an entry written before the fields
+    assert (reg.entry(e.version).calibration, reg.entry(e.version).delta) == ("marginal", None)
+
+
 def test_versions_are_monotone_and_listed_in_order(reg, tmp_path):
     for i in range(11):
         reg.register(make_artifact(tmp_path, f"a{i}", bytes([i])), threshold=1.0, alpha=0.01)

@@ -239,3 +239,21 @@ def test_thread_defaults_follow_the_cpu_affinity_and_env_wins(monkeypatch):
     monkeypatch.setenv("DLSR_MODEL__RUNTIME_THREADS", "4")
     s = Settings()
     assert (s.model.runtime_threads, s.monitor.decode_threads) == (4, 3)
+
+
+def test_calibration_guarantee_settings(monkeypatch):
+    s = Settings()
+    # The product's default is pac at delta 0.1 (the library's calibrate() stays marginal); no drift factor.
+    assert (s.model.calibration, s.model.delta, s.monitor.drift_null_factor) == ("pac", 0.1, None)
+    monkeypatch.setenv("DLSR_MODEL__CALIBRATION", "marginal")
+    monkeypatch.setenv("DLSR_MODEL__DELTA", "0.05")
+    monkeypatch.setenv("DLSR_MONITOR__DRIFT_NULL_FACTOR", "2")
+    s = Settings()
+    assert (s.model.calibration, s.model.delta, s.monitor.drift_null_factor) == ("marginal", 0.05, 2.0)
+    for name, value, field in [("DLSR_MODEL__CALIBRATION", "conditional", "calibration"),
+                               ("DLSR_MODEL__DELTA", "0", "delta"), ("DLSR_MODEL__DELTA", "1.5", "delta"),
+                               ("DLSR_MONITOR__DRIFT_NULL_FACTOR", "0.5", "drift_null_factor")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match=field):
+            Settings()
+        monkeypatch.delenv(name)

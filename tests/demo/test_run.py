@@ -56,6 +56,10 @@ def test_stream_switches_two_sources_after_a_clean_start(data_dir):
     assert set(ood_sets) == {"ood:tiny_imagenet", "ood:mnist"}
     assert len({it.image_id for it in items}) == 60
     assert build_stream(data, 20)[-1].data == items[-1].data  # deterministic
+    # Every source draws from all classes (the subset comes sorted by class folder: unshuffled, cam-id took the
+    # first classes only, whose false-alarm rate is not alpha).
+    classes = Counter(it.image_id.split("/")[2] for it in build_stream(data, 150) if it.source == ID_SOURCE)
+    assert len(classes) == 10 and max(classes.values()) < 40
 
 
 @pytest.mark.integration

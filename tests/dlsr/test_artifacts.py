@@ -13,6 +13,7 @@ from PIL import Image
 
 import dlsr.artifacts as artifacts
 from dlsr.artifacts import FORMAT_VERSION, artifact_digest, file_sha256, load_detector, read_manifest
+from dlsr.calibration import conformal_rank
 from dlsr.detector import DLSRDetector
 from dlsr.exceptions import ArtifactError, NotFittedError
 from tests.dlsr._synthetic import BOUNDARIES, D, clusters
@@ -134,6 +135,33 @@ def test_uncalibrated_detector_round_trips_uncalibrated(data, tmp_path: Path) ->
     loaded = load_detector(det.save(tmp_path / "m"))
     assert loaded.is_fitted and not loaded.is_calibrated
     np.testing.assert_array_equal(loaded.score(data[1][:20]), det.score(data[1][:20]))
+
+
+def test_calibration_method_and_delta_round_trip_and_old_artifacts_load_as_marginal(
+    detector: DLSRDetector, data, tmp_path: Path
+) -> None:
+    assert detector.calibration_method == "marginal" and detector.delta == 0.1  # the library default
+    loaded = load_detector(detector.save(tmp_path / "marginal"))
+    assert (loaded.calibration_method, loaded.delta) == ("marginal", 0.1)
+    pac = DLSRDetector(n_blocks=1, width=32, epochs=1, boundaries=BOUNDARIES, progress=False).fit(data[0][:400])
+    pac.calibrate(data[0][400:], alpha=0.05, method="pac", delta=0.2)
+    marginal_threshold = float(np.sort(pac.calibration_scores)[conformal_rank(200, 0.05) - 1])
+    assert pac.threshold > marginal_threshold  # 200 scores: the pac rank is higher than the marginal one
+    path = pac.save(tmp_path / "pac")
+    m = read_manifest(path)
+    assert (m["calibration"]["method"], m["calibration"]["delta"]) == ("pac", 0.2)
+    again = load_detector(path)
+    assert (again.calibration_method, again.delta, again.threshold) == ("pac", 0.2, pac.threshold)
+    # An artifact written before the pac calibration: no method, no delta -> marginal, delta None.
+    cal_path = path / "calibration.json"
+    cal = json.loads(cal_path.read_text())
+    del cal["method"], cal["delta"]
+    cal_path.write_text(json.dumps(cal))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {name: file_sha256(path / name) for name in manifest["files"]}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    old = load_detector(path)
+    assert (old.calibration_method, old.delta) == ("marginal", None) and old.threshold == pac.threshold
 
 
 def test_encoder_identity_is_recorded_and_rebuilt(tmp_path: Path) -> None:

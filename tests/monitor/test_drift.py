@@ -65,3 +65,28 @@ def test_bad_parameters_are_named():
         DriftTest(alpha=0)
     with pytest.raises(ValueError, match="raise_p"):
         DriftTest(raise_p=0.1, clear_p=0.01)
+
+
+def test_the_null_rate_comes_from_the_calibration_unless_a_factor_overrides_it():
+    assert DriftTest(alpha=0.01).null_rate == pytest.approx(0.02)  # neither: the former fixed factor
+    assert DriftTest(alpha=0.01, calibration_null=0.0123).null_rate == pytest.approx(0.0123)
+    assert DriftTest(alpha=0.01, null_factor=3.0, calibration_null=0.0123).null_rate == pytest.approx(0.03)
+    d = DriftTest(alpha=0.01, calibration_null=0.0123).evaluate("ok", 500, 10)
+    assert d.null_rate == pytest.approx(0.0123) and d.p_value == pytest.approx(binom_sf(10, 500, 0.0123))
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="calibration_null"):
+            DriftTest(alpha=0.01, calibration_null=bad)
+
+
+def test_a_pac_calibration_null_keeps_a_clean_stream_quiet():
+    # The worst clean stream the bound covers (flagged at exactly the 1 - delta bound of a pac threshold's
+    # realised rate, n = 500, alpha 0.01, delta 0.1) tested against that bound: no raise in 100k images.
+    from dlsr.calibration import false_alarm_bound, pac_rank
+
+    n, alpha, delta = 500, 0.01, 0.1
+    null = false_alarm_bound(n, pac_rank(n, alpha, delta), delta)
+    assert null <= alpha  # pac: the bound is within alpha by construction
+    for seed in range(3):
+        rng = random.Random(seed)
+        drift = SlidingDrift(DriftTest(alpha=alpha, calibration_null=null, raise_p=1e-6), window=500)
+        assert not any(drift.update(rng.random() < null).changed for _ in range(100_000)), f"seed {seed}"

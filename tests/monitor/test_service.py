@@ -235,6 +235,52 @@ def test_per_stage_evidence_goes_into_records_and_alerts_only_when_the_model_has
     assert all(parse_score(r.value).layers is None for r in plain.on("scores"))
 
 
+class PacDetector(BrightnessDetector):
+    """The stand-in model calibrated with the pac method (what the product publishes by default)."""
+
+    calibration_method, delta = "pac", 0.2
+
+
+def test_records_say_which_guarantee_holds(make_service):
+    spec = [(0, "dark", "a")] * 3 + [(0, "bright", "a")]
+    sink = MemorySink()
+    make_service(MemorySource(_stream(spec)), sink, detector=PacDetector()).run(threading.Event(), until_idle=True)
+    assert [(r.guarantee, r.delta) for r in map(parse_score, (m.value for m in sink.on("scores")))] == [
+        ("pac", 0.2)
+    ] * 4
+    old = MemorySink()  # a model calibrated before the field (no calibration_method): marginal, no delta
+    make_service(MemorySource(_stream(spec)), old).run(threading.Event(), until_idle=True)
+    for m in old.on("scores"):
+        assert parse_score(m.value).guarantee == "marginal" and b'"delta"' not in m.value
+
+
+def test_the_drift_null_is_the_false_alarm_bound_of_the_calibration_in_force(make_service, redis_client, keys):
+    from dlsr.calibration import false_alarm_bound
+
+    spec = [(0, "dark", "a")] * 30
+    svc = make_service(MemorySource(_stream(spec)), detector=PacDetector())
+    svc.run(threading.Event(), until_idle=True)
+    # 100 calibration scores, all below the threshold 0.5: k = n = 100, the Beta(1, 100) 0.8 quantile.
+    expected = false_alarm_bound(100, 100, 0.2)
+    assert view(svc).read_drift("a")["null_rate"] == pytest.approx(expected)
+    assert 0.01 < expected < 0.02  # tighter than the old fixed null of alpha x 2 = 0.02
+
+    forced = make_service(MemorySource(_stream(spec)), drift_null_factor=3.0)  # the override
+    forced.run(threading.Event(), until_idle=True)
+    assert view(forced).read_drift("a")["null_rate"] == pytest.approx(0.03)
+
+    # Once the vetted reservoir holds baseline_min scores, its threshold is in force and the null comes from it.
+    redis_client.hset(keys.model_entry("7"), mapping={"alpha": "0.01", "calibration": "pac", "delta": "0.2"})
+    reservoir = np.linspace(0.0, 0.4, 600)
+    svc.state.baseline.add("7", reservoir, alpha=0.01)
+    later = make_service(MemorySource(_stream(spec)), detector=PacDetector())
+    later.run(threading.Event(), until_idle=True)
+    t = svc.state.baseline.threshold("7", 0.01)
+    assert t < 0.5 and view(later).read_drift("a")["null_rate"] == pytest.approx(
+        false_alarm_bound(600, int((reservoir <= t).sum()), 0.2)
+    )
+
+
 def test_stop_finishes_the_batch_in_flight(make_service):
     src = MemorySource(_stream([(0, "dark", "a")] * 40))
     sink = MemorySink()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dlsr.calibration import calibration_rank
 from dlsr_monitor.common.registry import Registry
 from dlsr_monitor.trainer.intake import VettedStore
 from dlsr_monitor.trainer.job import JobConfig, JobContext
@@ -20,9 +21,9 @@ from dlsr_monitor.trainer.job import JobConfig, JobContext
 DIM = 8
 
 
-def conformal(cal: np.ndarray, alpha: float) -> float:
+def conformal(cal: np.ndarray, alpha: float, method: str = "marginal", delta: float = 0.1) -> float:
     s = np.sort(cal)
-    k = int(np.ceil((s.size + 1) * (1 - alpha)))
+    k = calibration_rank(s.size, alpha, method=method, delta=delta)
     return float(s[k - 1]) if k <= s.size else float("inf")
 
 
@@ -31,6 +32,7 @@ class FakeDetector:
         self.mean, self.std, self.nan = mean, std, nan
         self.threshold = float("nan")
         self.alpha = float("nan")
+        self.calibration_method, self.delta = "marginal", None
         self.calibration_scores = np.zeros(0)
 
     def score(self, x: np.ndarray) -> np.ndarray:
@@ -38,11 +40,11 @@ class FakeDetector:
         return np.full_like(s, np.nan) if self.nan else s
 
     def calibrate(self, features: np.ndarray | None = None, *, scores: np.ndarray | None = None,
-                  alpha: float) -> FakeDetector:
+                  alpha: float, method: str = "marginal", delta: float = 0.1) -> FakeDetector:
         scores = self.score(features) if scores is None else scores
         self.calibration_scores = np.asarray(scores, dtype=np.float64)
-        self.alpha = alpha
-        self.threshold = conformal(self.calibration_scores, alpha)
+        self.alpha, self.calibration_method, self.delta = alpha, method, delta
+        self.threshold = conformal(self.calibration_scores, alpha, method, delta)
         return self
 
     def save(self, path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dlsr.calibration import pac_rank
 from dlsr_monitor.trainer.history import FAILED, PROMOTED, REJECTED
 from dlsr_monitor.trainer.job import min_calibration, run_job
 
@@ -21,6 +22,10 @@ def test_first_job_publishes_v1_with_entry_alert_and_baseline(ctx):
     assert entry.gates["false_alarm"]["passed"] and entry.gates["finite"]["passed"]
     assert entry.gates["reference_shift"]["value"] is None  # nothing to compare with yet
     assert np.isfinite(entry.threshold) and entry.alpha == 0.05
+    # The product default: a pac threshold, and the entry says so (JobConfig from DLSR_MODEL__CALIBRATION).
+    assert (entry.calibration, entry.delta) == ("pac", 0.1)
+    cal = np.sort(ctx.ops.load(ctx.registry.artifact_path(entry)).calibration_scores)
+    assert entry.threshold == cal[pac_rank(cal.size, 0.05, 0.1) - 1]
     ctx.registry.verify(entry)
     assert [a.version for a in ctx.alerts] == ["v1"] and ctx.alerts[0].event == "live"
     ((v, seed),) = ctx.baseline
@@ -72,8 +77,8 @@ def test_false_alarm_gate_catches_a_miscalibrated_threshold(ctx, monkeypatch):
 
     real = FakeDetector.calibrate
 
-    def too_low(self, features=None, *, scores=None, alpha):  # a threshold at the median: ~50% false alarms
-        real(self, features, scores=scores, alpha=alpha)
+    def too_low(self, features=None, *, scores=None, alpha, **calibration):  # at the median: ~50% false alarms
+        real(self, features, scores=scores, alpha=alpha, **calibration)
         self.threshold = float(np.median(self.calibration_scores))
         return self
 
@@ -88,7 +93,7 @@ def test_too_little_data_fails_with_a_clear_message(ctx):
     ctx.store.add_many(vectors(30, seed=1))
     rec = run_job(ctx, "manual", progress=False)
     assert rec.outcome == FAILED
-    assert f"needs at least {min_calibration(0.05)}" in rec.message
+    assert f"alpha=0.05 with delta=0.1 (pac) needs at least {min_calibration(0.05, 'pac', 0.1)}" in rec.message
     ctx.store = type(ctx.store)(ctx.registry.store_root / "empty")
     empty = run_job(ctx, "manual", progress=False)
     assert empty.outcome == FAILED and "no vetted images" in empty.message
