@@ -104,7 +104,7 @@ def test_export_is_made_once_atomically_and_keyed_by_versions(export_dir, monkey
 
 
 def test_refusals_name_the_fix(export_dir):
-    with pytest.raises(runtimes.RuntimeUnavailableError, match="fp32 only"):
+    with pytest.raises(runtimes.RuntimeUnavailableError, match="fp32 or int8 only"):
         _tiny("onnxruntime", export_dir, precision="bf16")
     with pytest.raises(ValueError, match="runtime must be one of"):
         _tiny("tensorrt")
@@ -177,7 +177,7 @@ def test_settings_select_the_runtime(monkeypatch):
     assert ModelSettings().runtime == "torch"
     with pytest.raises(ValidationError):
         ModelSettings(runtime="tensorrt")
-    with pytest.raises(ValidationError, match="fp32 only"):
+    with pytest.raises(ValidationError, match="fp32 or int8"):
         ModelSettings(runtime="onnxruntime", precision="bf16")
     with pytest.raises(ValidationError, match="on the CPU"):
         ModelSettings(runtime="openvino", device="cuda")
