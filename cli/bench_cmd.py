@@ -16,6 +16,7 @@ _BENCHES = {
     "validate": "choose DLSR settings on a validation split (held-out classes, corrupted held-out images)",
     "epochs": "AUROC against LFDN training epochs (validation proxy and test sets)",
     "throughput": "end-to-end messages/s of the monitor service",
+    "quality": "AUROC and false alarms per encoder runtime and precision (torch, onnxruntime, openvino, bf16, int8)",
 }
 
 

@@ -296,7 +296,7 @@ class Encoder:
         dev = torch.device(device)
         if precision == "auto":
             precision = "bf16" if dev.type == "cuda" else "fp32"
-        if precision == "bf16" and dev.type == "cpu" and not _cpu_has_bf16():
+        if precision == "bf16" and dev.type == "cpu" and not cpu_has_bf16():
             # Still correct (the model was fitted on bf16 features), but emulated bf16 is slower than fp32.
             log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 encoding will be slower than fp32")
         model = model.eval().to(dev)
@@ -439,7 +439,7 @@ def calibration_sha256(images: Sequence[Image.Image]) -> str:
     return h.hexdigest()
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # private oneDNN probe: absent in some builds
