@@ -80,9 +80,10 @@ def resolve_device(name: str) -> str:
 
 def make_encoder(
     args: argparse.Namespace, settings: Settings | None = None, *, runtime: str | None = None,
-    precision: str | None = None, threads: int | None = None,
+    precision: str | None = None, threads: int | None = None, calibration: Sequence[Any] | None = None,
 ):
-    """The encoder named by the arguments, falling back to the model settings (runtime included)."""
+    """The encoder named by the arguments, falling back to the model settings (runtime included); `calibration`:
+    the images an int8 precision is quantized with."""
     from dlsr.encoder import Encoder
 
     model = getattr(settings, "model", None)
@@ -100,6 +101,7 @@ def make_encoder(
         threads=threads or getattr(model, "runtime_threads", None),
         streams=getattr(args, "streams", None) or getattr(model, "runtime_streams", 1),
         export_dir=getattr(model, "export_cache", None),
+        calibration=calibration,
     )
 
 

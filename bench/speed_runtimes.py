@@ -13,7 +13,8 @@ Per configuration and batch size:
   images_s  the monitor's loop: decode of batch k+1 on `decode_threads` threads while batch k is scored
             (encoder + head), so it includes any contention between the runtime's threads and the decoders
 A configuration is `runtime[:precision[:streams[:threads]]]`, e.g. `openvino:bf16`, `openvino:fp32:2`,
-`onnxruntime:fp32::1` (one intra-op thread, leaving a core to the decoders).
+`onnxruntime:fp32::1` (one intra-op thread, leaving a core to the decoders), `onnxruntime:int8` (quantized with
+CALIBRATION_IMAGES CIFAR-10 train images: the speed of an int8 graph does not depend on which).
 """
 
 from __future__ import annotations
@@ -62,18 +63,27 @@ def parse_configs(text: str, default_precision: str = "fp32") -> list[Config]:
         threads = int(parts[3]) if len(parts) > 3 and parts[3] else None
         if runtime == "torch" and (streams != 1 or threads):
             raise SystemExit(f"dlsr bench speed: {item!r}: torch takes no streams or threads (torch.set_num_threads)")
-        if precision not in ("fp32", "bf16"):
-            raise SystemExit(f"dlsr bench speed: precision of {item!r} must be fp32 or bf16")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise SystemExit(f"dlsr bench speed: precision of {item!r} must be fp32, bf16 or int8")
         out.append(Config(runtime, precision, streams, threads))
     if not out:
         raise SystemExit("dlsr bench speed: --runtimes names no runtime")
     return out
 
 
-def _images(args: argparse.Namespace, n: int) -> list[bytes]:
+CALIBRATION_IMAGES = 256
+
+
+def _calibration(args: argparse.Namespace) -> list:
+    from dlsr.images import decode_image
+
+    return [decode_image(p) for p in _images(args, CALIBRATION_IMAGES, split="train")]
+
+
+def _images(args: argparse.Namespace, n: int, split: str = "test") -> list[bytes]:
     from dlsr.readers import open_images
 
-    path = (args.data_dir or common.default_data_dir()) / "cifar10" / "test.zip"
+    path = (args.data_dir or common.default_data_dir()) / "cifar10" / f"{split}.zip"
     if not path.is_file():
         raise SystemExit(f"dlsr bench speed --runtimes: no {path}: pass --data-dir or set DLSR_TEST_DATA")
     return [it.data for it in open_images(path, limit=n, seed=0)]
@@ -157,7 +167,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         t0 = time.perf_counter()
         args_c = argparse.Namespace(**{**vars(args), "streams": c.streams})
         encoders[c] = common.make_encoder(
-            args_c, settings, runtime=c.runtime, precision=c.precision, threads=c.threads
+            args_c, settings, runtime=c.runtime, precision=c.precision, threads=c.threads,
+            calibration=_calibration(args) if c.precision == "int8" else None,
         )
         print(f"  {c.label}: ready in {time.perf_counter() - t0:.1f} s "
               f"({encoders[c].runtime.describe()})", file=sys.stderr, flush=True)

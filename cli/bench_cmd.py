@@ -18,6 +18,7 @@ _BENCHES = {
     "throughput": "end-to-end messages/s of the monitor service",
     "input-size": "AUROC and images/s against the encoder input size for 32x32 sources (CIFAR-10 vs OOD sets)",
     "calibration": "realised false-alarm rate over random calibration draws: marginal vs pac thresholds",
+    "quality": "AUROC and false alarms per encoder runtime and precision (torch, onnxruntime, openvino, bf16, int8)",
 }
 
 

@@ -251,10 +251,13 @@ class ModelSettings(BaseModel):
         "backbone's (224 for Lite0). The artifact records the size used, and scoring uses it",
     )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
         description="Encoder precision the trainer fits with (auto: bf16 on CUDA, fp32 on CPU; bf16 is ~2x "
-        "faster on CPUs with AVX512-BF16/AMX). A model is always scored in the precision it was fitted in",
+        "faster on CPUs with AVX512-BF16/AMX; int8: a CPU runtime's statically quantized export, calibrated on "
+        "fit images, an option only, made with the library: the trainer refuses it; see the README's runtime table). "
+        "A model is always scored in the precision "
+        "it was fitted in",
     )
     runtime: Literal["torch", "openvino", "onnxruntime"] = Field(
         "torch",
@@ -370,7 +373,9 @@ class ModelSettings(BaseModel):
     @classmethod
     def _runtime_fits(cls, value: str, info: ValidationInfo) -> str:
         if value == "onnxruntime" and info.data.get("precision") == "bf16":
-            raise ValueError("onnxruntime runs fp32 only: set precision to fp32 (or auto), or use openvino for bf16")
+            raise ValueError("onnxruntime runs fp32 or int8: set precision to fp32 (or auto), or use openvino for bf16")
+        if value == "torch" and info.data.get("precision") == "int8":
+            raise ValueError("int8 runs in a CPU runtime: set runtime to onnxruntime or openvino")
         if value != "torch" and str(info.data.get("device") or "").startswith("cuda"):
             raise ValueError(f"{value} runs the encoder on the CPU: set device to cpu or auto, or runtime to torch")
         return value

@@ -241,6 +241,8 @@ def _rebuild_encoder(identity: dict, device: str | torch.device, **runtime_optio
     # The features the calibration was computed on: a model trained with bf16 features scores bf16 features
     # on any device (before this key was honoured, a CUDA-trained model fell back to fp32 on a CPU host).
     kwargs["precision"] = precision_from_identity(identity)
+    if kwargs["precision"] == "int8":  # the int8 export calibrated for this model, from the export cache
+        kwargs["quantization"] = identity.get("quantization")
     kwargs["runtime"] = identity.get("runtime", "torch")  # docs/METHOD.md section 1: scored where calibrated
     if kwargs["runtime"] != "torch":
         kwargs.update(runtime_options)  # threads, streams, export_dir: speed and place, never the features

@@ -23,13 +23,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dlsr.runtimes import Runtime, TorchRuntime, check_runtime, make_runtime
+from dlsr.runtimes import (
+    CALIBRATION_BATCH,
+    Runtime,
+    TorchRuntime,
+    check_runtime,
+    make_runtime,
+    quantization_spec,
+)
 
 IDENTITY_VERSION = 1
 log = logging.getLogger(__name__)
 _EPS = 1e-5  # docs/METHOD.md: divide each stage vector by its std + 1e-5
-PRECISIONS = ("fp32", "bf16")
-_PRECISION_IDENTITY = {"fp32": "fp32", "bf16": "bf16-autocast"}
+PRECISIONS = ("fp32", "bf16", "int8")
+_PRECISION_IDENTITY = {"fp32": "fp32", "bf16": "bf16-autocast", "int8": "int8-static"}
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -188,6 +195,7 @@ class Encoder:
         device: torch.device,
         precision: str = "fp32",
         runtime: Runtime | None = None,
+        quantization: dict | None = None,
     ) -> None:
         self.model = model
         self.name = name
@@ -201,6 +209,7 @@ class Encoder:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
+        self.quantization = dict(quantization) if quantization is not None else None
         self.channels: tuple[int, ...] = tuple(int(c) for c in model.feature_info.channels())
         bounds = [0]
         for c in self.channels:
@@ -229,6 +238,8 @@ class Encoder:
         threads: int | None = None,
         streams: int = 1,
         export_dir: str | Path | None = None,
+        calibration: Sequence[Image.Image] | None = None,
+        quantization: dict | None = None,
     ) -> Encoder:
         """Build a frozen encoder.
 
@@ -242,6 +253,8 @@ class Encoder:
             precision: "fp32", "bf16" (bf16 autocast for the backbone; pooling and z-scoring stay fp32) or
                 "auto": bf16 on CUDA, fp32 on CPU. bf16 on a CPU with AVX512-BF16 or AMX encodes about
                 2x faster than fp32; features move by about 1 % (relative), so they are cached apart.
+                "int8": a CPU runtime's statically quantized export (needs `calibration`; see README for
+                what it costs in AUROC and gains in speed).
             runtime: what runs the backbone (dlsr/runtimes.py): "torch" (eager, the default), "openvino" or
                 "onnxruntime" (CPU only; fp32, and bf16 for openvino). A non-torch runtime runs an export of this
                 backbone, made once and cached under `export_dir` (default `.cache/dlsr/exports`); it is part
@@ -249,10 +262,30 @@ class Encoder:
             threads: intra-op threads of a non-torch runtime (default: torch's thread count). torch's own
                 threads are the process's (`torch.set_num_threads`).
             streams: OpenVINO inference requests run in parallel on one batch (throughput mode; default 1).
+            calibration: precision "int8" only (a CPU runtime; never a default): RGB images, a sample of the fit
+                set, whose activation ranges set the int8 scales. Their sha256 is part of `identity()`: features
+                and the int8 export are keyed by them.
+            quantization: precision "int8" only, instead of `calibration`: the `identity()["quantization"]` of
+                an int8 encoder whose export is cached (how a saved model rebuilds its encoder).
         """
         check_runtime(runtime)
         if precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+            raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'int8', got {precision!r}")
+        if precision == "int8":
+            if runtime == "torch":
+                raise ValueError("precision 'int8' runs in a CPU runtime: pass runtime='onnxruntime' or 'openvino'")
+            if calibration is not None:
+                spec = quantization_spec(calibration_sha256(calibration), len(calibration))
+                if quantization is not None and quantization != spec:
+                    raise ValueError("calibration images and quantization disagree: pass one of them")
+                quantization = spec
+            if quantization is None:
+                raise ValueError(
+                    "precision 'int8' needs calibration images (a sample of the fit set, e.g. 1,000) or the "
+                    "quantization of a cached int8 export"
+                )
+        elif calibration is not None or quantization is not None:
+            raise ValueError(f"calibration / quantization are for precision 'int8', not {precision!r}")
         stages = tuple(int(s) for s in stages)
         if not stages:
             raise ValueError("stages must name at least one feature stage, e.g. (0, 1, 2, 3, 4)")
@@ -290,7 +323,7 @@ class Encoder:
         dev = torch.device(device)
         if precision == "auto":
             precision = "bf16" if dev.type == "cuda" else "fp32"
-        if precision == "bf16" and dev.type == "cpu" and not _cpu_has_bf16():
+        if precision == "bf16" and dev.type == "cpu" and not cpu_has_bf16():
             # Still correct (the model was fitted on bf16 features), but emulated bf16 is slower than fp32.
             log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 encoding will be slower than fp32")
         model = model.eval().to(dev)
@@ -309,8 +342,15 @@ class Encoder:
             weights_identity=wid,
             device=dev,
             precision=precision,
+            quantization=quantization,
         )
         if runtime != "torch":
+            images = calibration
+
+            def batches():  # preprocessed as at scoring time, so the int8 scales fit what the runtime will see
+                for i in range(0, len(images), CALIBRATION_BATCH):
+                    yield enc.preprocess(images[i : i + CALIBRATION_BATCH]).numpy()
+
             enc.runtime = make_runtime(
                 runtime,
                 model,
@@ -322,6 +362,8 @@ class Encoder:
                 threads=threads,
                 streams=streams,
                 export_dir=export_dir,
+                quantization=quantization,
+                calibration=batches if images is not None else None,
             )
         return enc
 
@@ -342,6 +384,9 @@ class Encoder:
             # the same on CPU and CUDA (both round the backbone to bf16), and fp32 keeps its old key.
             "precision": _PRECISION_IDENTITY[self.precision],
         }
+        if self.quantization is not None:
+            # int8 features depend on the scales, i.e. on the calibration images: keyed (cached, calibrated) apart.
+            ident["quantization"] = dict(self.quantization)
         if self.runtime_name != "torch":
             # Another runtime's features differ (up to ~1e-5): keyed (cached, calibrated) apart; torch keeps its key.
             ident["runtime"] = self.runtime_name
@@ -412,7 +457,16 @@ def precision_from_identity(identity: dict) -> str:
     return by_name.get(identity.get("precision", "fp32"), "fp32")
 
 
-def _cpu_has_bf16() -> bool:
+def calibration_sha256(images: Sequence[Image.Image]) -> str:
+    """sha256 of a calibration set: the images' modes, sizes and pixels, in order."""
+    h = hashlib.sha256()
+    for im in images:
+        h.update(f"{im.mode}:{im.size[0]}x{im.size[1]}:".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def cpu_has_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # private oneDNN probe: absent in some builds

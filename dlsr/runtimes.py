@@ -20,10 +20,18 @@ loses the race discards its copy). Nothing is ever downloaded: the export is mad
 Features from another runtime differ from torch's by up to ~1e-5 (other kernels, other summation orders), so the
 encoder identity carries the runtime when it is not torch and such features are cached and calibrated apart
 (`tests/dlsr/test_runtimes.py` states the parity bounds).
+
+int8 (optional, never a default): post-training static quantization of that ONNX export with ONNX Runtime's
+`quantize_static` (QDQ format; weights int8 per output channel, activations uint8 per tensor from their min/max
+over calibration images, a sample of the fit set). The one quantized graph runs in ONNX Runtime, and OpenVINO
+reads its QDQ pairs as int8 operations. Its directory is `...-<runtime>-int8`, keyed as above plus the
+quantization (method and the sha256 of the calibration images), so a model is always scored with the int8 graph
+it was calibrated with; without the calibration images a missing int8 export cannot be remade, and is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,6 +39,7 @@ import shutil
 import threading
 import uuid
 import warnings
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
@@ -39,7 +48,11 @@ import numpy as np
 import torch
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
-EXPORT_VERSION = 1
+# 2: TF "same" padding is exported as constant Pad ops (was: computed from the input's shape at run time, which
+# the int8 quantizer turned into quantized arithmetic on shapes). Same features, a new directory.
+EXPORT_VERSION = 2
+QUANTIZATION_METHOD = "onnxruntime-static-qdq"
+CALIBRATION_BATCH = 32
 OPSET = 17
 DEFAULT_EXPORT_DIR = Path(".cache/dlsr/exports")
 _PIP = "pip install 'dlsr-monitor[cpu-runtimes]' (or pip install onnx onnxruntime openvino)"
@@ -84,10 +97,22 @@ def default_threads() -> int:
 # ---- export -------------------------------------------------------------------------------------------------
 
 
-def export_key(identity: dict, runtime: str) -> dict:
-    """What an export depends on: the torch encoder identity, the runtime and its version, torch, the opset."""
-    base = {k: v for k, v in identity.items() if k not in ("runtime", "precision")}
+def quantization_spec(calibration_sha256: str, n_images: int) -> dict:
+    """What an int8 export depends on beyond the fp32 one: the method, its settings, the calibration images."""
     return {
+        "method": QUANTIZATION_METHOD,
+        "weights": "int8 per channel",
+        "activations": "uint8 per tensor, min/max",
+        "calibration_sha256": calibration_sha256,
+        "calibration_images": int(n_images),
+    }
+
+
+def export_key(identity: dict, runtime: str, quantization: dict | None = None) -> dict:
+    """What an export depends on: the torch encoder identity, the runtime and its version, torch, the opset
+    (and, for int8, the quantization with its calibration set)."""
+    base = {k: v for k, v in identity.items() if k not in ("runtime", "precision", "quantization")}
+    key = {
         "export_version": EXPORT_VERSION,
         "identity": base,
         "runtime": runtime,
@@ -95,17 +120,66 @@ def export_key(identity: dict, runtime: str) -> dict:
         "torch": torch.__version__,
         "opset": OPSET,
     }
+    if quantization is not None:
+        # The quantizer is ONNX Runtime's whichever runtime runs the result: its version counts too.
+        key["quantization"] = {**quantization, "onnxruntime": runtime_version("onnxruntime")}
+    return key
 
 
-def export_directory(export_dir: str | Path, name: str, identity: dict, runtime: str) -> Path:
-    key = export_key(identity, runtime)
+def export_directory(
+    export_dir: str | Path, name: str, identity: dict, runtime: str, quantization: dict | None = None
+) -> Path:
+    key = export_key(identity, runtime, quantization)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return Path(export_dir) / f"{name}-{digest[:16]}-{runtime}"
+    return Path(export_dir) / f"{name}-{digest[:16]}-{runtime}{'-int8' if quantization is not None else ''}"
+
+
+class _StaticSamePad(torch.nn.Module):
+    """A TF-"same" convolution whose padding, fixed by the export's input size, is a constant."""
+
+    def __init__(self, conv: torch.nn.Conv2d, pad: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.conv, self.pad = conv, pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, self.pad), c.weight, c.bias, c.stride, 0, c.dilation, c.groups
+        )
+
+
+def static_padding(model: torch.nn.Module, input_size: int) -> torch.nn.Module:
+    """A copy of `model` with timm's dynamic "same" padding (`Conv2dSame`) made constant for this input size.
+
+    Dynamic padding exports as Shape -> arithmetic -> Pad; the int8 quantizer quantized that arithmetic (stage
+    maps came out a pixel short). The padding depends only on the input size, which an export fixes anyway.
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    sizes: dict[str, tuple[int, int]] = {}
+    model = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format)
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: sizes.__setitem__(n, tuple(a[0].shape[-2:])))
+        for n, m in model.named_modules()
+        if isinstance(m, Conv2dSame)
+    ]
+    with torch.inference_mode():
+        model(torch.zeros((1, 3, input_size, input_size)))
+    for h in hooks:
+        h.remove()
+    for n, (ih, iw) in sizes.items():
+        m = model.get_submodule(n)
+        ph = get_same_padding(ih, m.kernel_size[0], m.stride[0], m.dilation[0])
+        pw = get_same_padding(iw, m.kernel_size[1], m.stride[1], m.dilation[1])
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, _StaticSamePad(m, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
+    return model
 
 
 def export_onnx(model: torch.nn.Module, input_size: int, path: str | Path) -> list[str]:
     """Export a timm `features_only` backbone (fp32, CPU) to ONNX with a dynamic batch axis; returns output names."""
-    model = model.eval()
+    model = static_padding(model.eval(), input_size)
     params = list(model.parameters())
     if params and params[0].device.type != "cpu":
         raise RuntimeUnavailableError("export the backbone from a CPU encoder (device='cpu')")
@@ -132,17 +206,75 @@ def export_onnx(model: torch.nn.Module, input_size: int, path: str | Path) -> li
     return outputs
 
 
+def quantize_onnx(source: Path, target: Path, batches: Iterable[np.ndarray]) -> None:
+    """int8 QDQ copy of an fp32 ONNX graph, activation ranges from `batches` of pixels (N, 3, S, S)."""
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise RuntimeUnavailableError(f"int8 quantization needs the package onnxruntime: {_PIP}") from exc
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict | None:
+            x = next(self._it, None)
+            return None if x is None else {"pixels": np.ascontiguousarray(x, dtype=np.float32)}
+
+    prepared = target.with_name("prepared.onnx")
+    # The quantizer's recommended preparation (shape inference, graph clean-up); the symbolic pass is not needed.
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,  # ONNX Runtime and OpenVINO both run QDQ graphs as int8 kernels
+        per_channel=True,  # per tensor, the folded batch norms' wide weight ranges gave ~5x the feature error
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    prepared.unlink()
+
+
 def ensure_export(
-    model: torch.nn.Module, *, name: str, identity: dict, input_size: int, runtime: str, export_dir: str | Path
+    model: torch.nn.Module,
+    *,
+    name: str,
+    identity: dict,
+    input_size: int,
+    runtime: str,
+    export_dir: str | Path,
+    quantization: dict | None = None,
+    calibration: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> Path:
-    """The cached export directory for (identity, runtime, versions); made once, atomically."""
+    """The cached export directory for (identity, runtime, versions[, quantization]); made once, atomically.
+
+    Args:
+        quantization: `quantization_spec(...)` for an int8 export, None for fp32.
+        calibration: for int8, yields the calibration images' preprocessed batches; needed only when the int8
+            export is not cached yet (it cannot be made without them).
+    """
     if runtime == "torch":
         raise ValueError("the torch runtime runs the model itself: nothing to export")
     if not runtime_version(runtime):
         raise RuntimeUnavailableError(f"runtime {runtime!r} is not installed: {_PIP}")
-    target = export_directory(export_dir, name, identity, runtime)
+    target = export_directory(export_dir, name, identity, runtime, quantization)
     if (target / "export.json").is_file():
         return target
+    if quantization is not None and calibration is None:
+        raise RuntimeUnavailableError(
+            f"no int8 export of {name} for {runtime} calibrated on images "
+            f"{quantization.get('calibration_sha256', '?')[:12]} in {export_dir}: quantize it again from the same "
+            "calibration images (Encoder.create(..., precision='int8', calibration=images)), or use fp32"
+        )
     try:
         import onnx  # noqa: F401 - torch.onnx.export needs it
     except ImportError as exc:
@@ -153,13 +285,18 @@ def ensure_export(
     try:
         onnx_path = tmp / "model.onnx"
         outputs = export_onnx(model, input_size, onnx_path)
+        if quantization is not None:
+            fp32_path = tmp / "fp32.onnx"
+            onnx_path.rename(fp32_path)
+            quantize_onnx(fp32_path, onnx_path, calibration())
+            fp32_path.unlink()
         if runtime == "openvino":
             import openvino as ov
 
             # compress_to_fp16=False: save_model would otherwise halve the weights (features would move ~1e-3).
             ov.save_model(ov.convert_model(str(onnx_path)), str(tmp / "model.xml"), compress_to_fp16=False)
             onnx_path.unlink()
-        meta = {**export_key(identity, runtime), "outputs": outputs, "input_size": input_size}
+        meta = {**export_key(identity, runtime, quantization), "outputs": outputs, "input_size": input_size}
         (tmp / "export.json").write_text(json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -207,7 +344,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
 
-    def __init__(self, directory: Path, *, threads: int, spin: bool = False) -> None:
+    def __init__(self, directory: Path, *, threads: int, spin: bool = False, precision: str = "fp32") -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -222,7 +359,7 @@ class OnnxRuntime:
         opts.enable_mem_pattern = False
         # No busy-waiting between ops: spinning workers would steal the cores the decode threads need.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.threads, self.spin = threads, spin
+        self.threads, self.spin, self.precision = threads, spin, precision
         self.version = ort.__version__
         self.session = ort.InferenceSession(
             str(directory / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"]
@@ -233,7 +370,13 @@ class OnnxRuntime:
         return self.session.run(self.outputs, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
 
     def describe(self) -> dict:
-        return {"runtime": "onnxruntime", "version": self.version, "threads": self.threads, "spin": self.spin}
+        return {
+            "runtime": "onnxruntime",
+            "version": self.version,
+            "threads": self.threads,
+            "spin": self.spin,
+            "precision": self.precision,
+        }
 
 
 class OpenVINORuntime:
@@ -241,7 +384,8 @@ class OpenVINORuntime:
 
     With streams > 1 a batch is split into `streams` parts that run at once (throughput mode); with 1 stream
     the whole batch runs as one request on all threads. Precision is pinned (f32, or bf16 when asked): the CPU
-    plugin would otherwise pick bf16 by itself on CPUs that have it.
+    plugin would otherwise pick bf16 by itself on CPUs that have it. An int8 export runs its quantized
+    operations in int8 and the rest in f32.
     """
 
     name = "openvino"
@@ -307,17 +451,27 @@ def make_runtime(
     threads: int | None = None,
     streams: int = 1,
     export_dir: str | Path | None = None,
+    quantization: dict | None = None,
+    calibration: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> Runtime:
-    """The runtime `runtime` for this backbone (exporting it first if no export is cached)."""
+    """The runtime `runtime` for this backbone (exporting it first if no export is cached).
+
+    For precision "int8", `quantization` names the int8 export and `calibration` makes it when it is not cached
+    (see `ensure_export`).
+    """
     check_runtime(runtime)
     if runtime == "torch":
+        if precision == "int8":
+            raise RuntimeUnavailableError("precision 'int8' runs in a CPU runtime: use runtime='onnxruntime' or 'openvino'")
         return TorchRuntime(model, device, precision)
     if device.type != "cpu":
         raise RuntimeUnavailableError(f"runtime {runtime!r} runs on the CPU only: use device='cpu' or runtime='torch'")
-    if runtime == "onnxruntime" and precision != "fp32":
+    if runtime == "onnxruntime" and precision == "bf16":
         raise RuntimeUnavailableError(
-            f"runtime 'onnxruntime' runs fp32 only (asked for {precision}): use precision='fp32', or 'openvino'"
+            "runtime 'onnxruntime' runs fp32 or int8 only (asked for bf16): use precision='fp32', or 'openvino'"
         )
+    if (precision == "int8") != (quantization is not None):
+        raise ValueError("an int8 runtime needs its quantization (quantization_spec), and only int8 takes one")
     threads = int(threads) if threads else default_threads()
     if threads < 1 or streams < 1:
         raise ValueError(f"threads and streams must be >= 1, got {threads} and {streams}")
@@ -328,7 +482,9 @@ def make_runtime(
         input_size=input_size,
         runtime=runtime,
         export_dir=export_dir if export_dir is not None else DEFAULT_EXPORT_DIR,
+        quantization=quantization,
+        calibration=calibration,
     )
     if runtime == "onnxruntime":
-        return OnnxRuntime(directory, threads=threads)
+        return OnnxRuntime(directory, threads=threads, precision=precision)
     return OpenVINORuntime(directory, threads=threads, streams=streams, precision=precision)

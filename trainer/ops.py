@@ -60,6 +60,12 @@ class DlsrOps:
         from dlsr.encoder import Encoder
 
         model = self.model
+        if getattr(model, "precision", "auto") == "int8":
+            # Quantizing needs the fit images before the encoder exists; the trainer does not do that (yet).
+            raise ValueError(
+                "DLSR_MODEL__PRECISION=int8: the trainer does not fit int8 models; fit in fp32 or bf16 "
+                "(int8 encoders are made with the library: Encoder.create(precision='int8', calibration=...))"
+            )
         return Encoder.create(
             name=model.encoder,
             weights=model.encoder_weights,
