@@ -1,5 +1,5 @@
-"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate, epochs) and the service
-throughput benchmark. Each module in `bench/` has `add_arguments(parser)` and `run(args, settings) -> int`;
+"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate, epochs), the drift
+benchmark and the service throughput benchmark. Each module in `bench/` has `add_arguments(parser)` and `run(args, settings) -> int`;
 the argument definitions are light, the heavy imports (torch, timm) happen inside `run`.
 """
 
@@ -16,6 +16,7 @@ _BENCHES = {
     "validate": "choose DLSR settings on a validation split (held-out classes, corrupted held-out images)",
     "epochs": "AUROC against LFDN training epochs (validation proxy and test sets)",
     "throughput": "end-to-end messages/s of the monitor service",
+    "drift": "false drift alarms on correlated video and delay after a shift, per-frame vs per-scene evidence",
 }
 
 

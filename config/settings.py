@@ -385,7 +385,7 @@ class MonitorSettings(BaseModel):
         description="What the drift test counts: one unit per new scene (correlated frames count once) or every image",
     )
     drift_scene_distance: float = Field(
-        0.1,
+        0.15,
         ge=0,
         le=2,
         description="A frame this close (cosine distance of encoder features) to its source's previous frame is the "

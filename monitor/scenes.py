@@ -9,7 +9,7 @@ is older than `max_s` seconds (event time), so a frozen scene still speaks once 
 hide in one endless unit. The unit carries its first frame's OOD flag; the drift test counts units, the windows
 keep counting images too.
 
-Why this mechanism (measured by `dlsr bench drift`, see docs/METHOD.md): per-frame evidence counted per time block
+Why this mechanism (measured by `dlsr bench drift`, see docs/DESIGN.md section 6): per-frame evidence counted per time block
 still correlates whenever a scene outlasts a block, and a block-bootstrap calibrated CUSUM needs a stretch of clean
 stream per deployment to calibrate on; de-duplication needs no calibration, leaves an i.i.d. stream (every image a
 new scene) exactly as before, and the cut is wide: consecutive frames of one scene sit far below `distance`,
@@ -44,7 +44,7 @@ class SceneTracker:
         max_sources: sources remembered at most (least recently seen forgotten first).
     """
 
-    def __init__(self, distance: float = 0.2, max_s: float = 10.0, max_sources: int = 10_000) -> None:
+    def __init__(self, distance: float = 0.15, max_s: float = 10.0, max_sources: int = 10_000) -> None:
         if not 0.0 <= distance <= 2.0:
             raise ValueError(f"distance is a cosine distance in [0, 2], got {distance}")
         if max_s <= 0:

@@ -274,3 +274,24 @@ def test_common_helpers(data_dir):
     assert len(a) == 3 and sorted(np.concatenate([a, b]).tolist()) == list(range(10))
     assert np.array_equal(a, common.split_indices(10, 3, seed=1)[0])
     assert common.pm([0.5, 0.7]) == "60.00 ± 10.00" and common.pm([0.25]) == "25.00"
+
+
+def test_bench_drift(tiny_args, tmp_path, capsys):
+    out = tmp_path / "d.json"
+    rc = main(
+        ["bench", "drift", *tiny_args, "--train-size", "80", "--cal-size", "40", "--epochs", "1",
+         "--pool-clips", "3", "--shift-clips", "2", "--frames", "4000", "--seeds", "2", "--shift-at", "2000",
+         "--after", "1500", "--eval-every", "50", "--json", str(out)]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| test | stream | false alarms / 100k frames" in printed and "whole clips from a pool" in printed
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [(r["test"], r["stream"]) for r in rows] == [("old", "iid"), ("new", "iid"), ("old", "video"),
+                                                       ("new", "video")]
+    for r in rows:
+        assert r["false_alarms_per_100k"] >= 0 and len(r["false_alarms_per_seed"]) == 2
+        for k in ("delay_ood_frames", "delay_corrupt_frames"):
+            assert r[k] is None or 0 < r[k] <= 1500
+    assert payload["meta"]["pool"]["id_clips"] == 3 and payload["meta"]["frames"] == 4000
