@@ -42,7 +42,7 @@ def test_correlated_id_frames_do_not_raise_drift_but_ood_clips_do(
     from dlsr_monitor.common.kafka_io import ensure_topics
 
     ensure_topics(tansu, [topics.input, topics.scores, topics.alerts, topics.dlq], partitions=2)
-    cifar = load_images(data_dir, "cifar10", "test", 200, seed=5)
+    cifar = load_images(data_dir, "cifar10", "test", 100, seed=5)
     mnist = load_images(data_dir, "mnist", "test", 8, seed=5)
     det = load_detector(small_model.path)
     scores = det.score(images=array_images(np.stack([_pixels(c) for c in cifar])))
