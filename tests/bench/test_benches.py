@@ -279,7 +279,7 @@ def test_common_helpers(data_dir):
 def test_bench_drift(tiny_args, tmp_path, capsys):
     out = tmp_path / "d.json"
     rc = main(
-        ["bench", "drift", *tiny_args, "--train-size", "80", "--cal-size", "40", "--epochs", "1",
+        ["bench", "drift", *tiny_args, "--train-size", "80", "--cal-size", "40", "--epochs", "1", "--alpha", "0.05",
          "--pool-clips", "3", "--shift-clips", "2", "--frames", "4000", "--seeds", "2", "--shift-at", "2000",
          "--after", "1500", "--eval-every", "50", "--json", str(out)]
     )

@@ -43,7 +43,7 @@ def test_correlated_id_frames_do_not_raise_drift_but_ood_clips_do(
 
     ensure_topics(tansu, [topics.input, topics.scores, topics.alerts, topics.dlq], partitions=2)
     cifar = load_images(data_dir, "cifar10", "test", 100, seed=5)
-    mnist = load_images(data_dir, "mnist", "test", 8, seed=5)
+    mnist = load_images(data_dir, "mnist", "test", 16, seed=5)
     det = load_detector(small_model.path)
     scores = det.score(images=array_images(np.stack([_pixels(c) for c in cifar])))
     worst = int(np.argmax(scores))  # the ID image the model likes least: its clip's frames are flagged
@@ -51,9 +51,9 @@ def test_correlated_id_frames_do_not_raise_drift_but_ood_clips_do(
     # camV: 40 distinct ID images, then 40 near-identical frames of the flagged ID image.
     cam_v = [Item(v, "camV", "id", None) for v in calm[:40]]
     cam_v += [Item(v, "camV", "id", None) for v in _clip(cifar[worst], 40, seed=1)]
-    # camO: 16 ID clips of 4 frames, then 8 MNIST clips of 6 frames: a real shift, seen through correlated frames.
-    cam_o = [Item(v, "camO", "id", None) for k, c in enumerate(calm[40:56]) for v in _clip(c, 4, seed=10 + k)]
-    cam_o += [Item(v, "camO", "ood", None) for k, m in enumerate(mnist) for v in _clip(m, 6, seed=30 + k)]
+    # camO: 12 ID clips of 4 frames, then 16 MNIST clips of 4 frames: a real shift, seen through correlated frames.
+    cam_o = [Item(v, "camO", "id", None) for k, c in enumerate(calm[40:52]) for v in _clip(c, 4, seed=10 + k)]
+    cam_o += [Item(v, "camO", "ood", None) for k, m in enumerate(mnist) for v in _clip(m, 4, seed=30 + k)]
 
     alerts = readers(topics.alerts)
     scores_topic = readers(topics.scores)
@@ -71,13 +71,14 @@ def test_correlated_id_frames_do_not_raise_drift_but_ood_clips_do(
     m = test_settings.monitor
     old = DriftTest(alpha=small_model.alpha, null_factor=m.drift_null_factor, raise_p=m.drift_raise_p,
                     clear_p=m.drift_clear_p, min_images=10)
-    assert v["images"] == 80 and v["ood"] >= 20, v
+    assert v["images"] == 80 and v["ood"] >= 10, v
     assert old.evaluate("ok", v["images"], v["ood"]).state == "raised", "per-frame counting would raise"
     # ... counted per scene they are one unit (a few at most, if the jitter crossed the cut), and nothing raises.
     assert 40 < v["units"] <= 44 and v["unit_ood"] <= 4, v
     assert v["state"] == "ok"
-    # camO: every clip is a unit, the MNIST ones flagged: drift raised.
-    assert 20 <= o["units"] <= 30 and o["unit_ood"] >= 6, o
+    # camO: every clip is a unit (two MNIST digits may sit within the scene distance and merge), the MNIST ones
+    # flagged: drift raised.
+    assert 20 <= o["units"] <= 30 and o["unit_ood"] >= 8, o
     assert o["state"] == "raised"
     drift = [a for a in (parse_alert(r.value) for r in alerts.records) if isinstance(a, DriftAlert)]
     assert [(a.source, a.state) for a in drift] == [("camO", "raised")], drift
