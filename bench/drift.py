@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     id_pool = _encode_pool(bench, detector, clips_of(ids[: args.pool_clips]), "ID clips")
     ood_pool = _encode_pool(bench, detector, clips_of(ood), f"{args.ood_set} clips")
     corrupt_clips = [corrupt_batch(c, args.corruption, args.severity, seed=k)
-                     for k, c in enumerate(clips_of(ids[args.pool_clips:]))]
+                     for k, c in enumerate(clips_of(ids[args.pool_clips : n_stills]))]
     corrupt_pool = _encode_pool(bench, detector, corrupt_clips, f"{args.corruption}-{args.severity} clips")
 
     test = DriftTest(alpha=alpha, null_factor=mon.drift_null_factor, raise_p=mon.drift_raise_p,
