@@ -1,5 +1,6 @@
-"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate, epochs, calibration) and the service
-throughput benchmark. Each module in `bench/` has `add_arguments(parser)` and `run(args, settings) -> int`;
+"""`dlsr bench ...`: the method benchmarks (ood, ablations, corruptions, speed, validate, epochs, calibration,
+input-size, quality), the drift benchmark and the service throughput benchmark. Each module in `bench/` has
+`add_arguments(parser)` and `run(args, settings) -> int`;
 the argument definitions are light, the heavy imports (torch, timm) happen inside `run`.
 """
 
@@ -19,6 +20,7 @@ _BENCHES = {
     "input-size": "AUROC and images/s against the encoder input size for 32x32 sources (CIFAR-10 vs OOD sets)",
     "calibration": "realised false-alarm rate over random calibration draws: marginal vs pac thresholds",
     "quality": "AUROC and false alarms per encoder runtime and precision (torch, onnxruntime, openvino, bf16, int8)",
+    "drift": "false drift alarms on correlated video and delay after a shift, per-frame vs per-scene evidence",
 }
 
 

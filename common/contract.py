@@ -157,13 +157,15 @@ class OodAlert(_Record):
 
 
 class WindowStats(BaseModel):
-    """What the drift test saw: images and OOD flags in the source's sliding window."""
+    """What the drift test saw: images and OOD flags in the source's sliding window (and its evidence units)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: int
     ood: int
-    rate: float
+    units: int | None = Field(None, description="Evidence units (new scenes) in the window; None before they existed")
+    unit_ood: int | None = Field(None, description="Evidence units whose first image was flagged OOD")
+    rate: float = Field(description="The tested OOD rate: per unit with `drift_evidence=scenes`, else per image")
     null_rate: float = Field(
         description="OOD rate expected in distribution: the upper 1 - delta bound of the false-alarm rate the "
         "calibration in force realises (alpha x drift null factor when that override is set)"

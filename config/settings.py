@@ -489,6 +489,23 @@ class MonitorSettings(BaseModel):
         0.05, gt=0, lt=1, description="Clear drift when the p-value rises above this (hysteresis)"
     )
     drift_min_images: int = Field(50, ge=1, description="No drift decision on a window with fewer images")
+    drift_evidence: Literal["scenes", "frames"] = Field(
+        "scenes",
+        description="What the drift test counts: one unit per new scene (correlated frames count once) or every image",
+    )
+    drift_scene_distance: float = Field(
+        0.15,
+        ge=0,
+        le=2,
+        description="A frame this close (cosine distance of encoder features) to its source's previous frame is the "
+        "same scene",
+    )
+    drift_scene_max_s: float = Field(
+        10.0, gt=0, description="A scene counts again after this many seconds (event time), however still"
+    )
+    drift_scene_sources: int = Field(
+        10000, ge=1, description="Sources whose previous frame the monitor remembers (least recent forgotten)"
+    )
     ood_alerts: bool = Field(True, description="Emit an `ood` alert for every image over its threshold")
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between heartbeats (rate, consumer lag)")
     heartbeat_ttl_s: int = Field(30, ge=1, description="A heartbeat expires after this many seconds")

@@ -168,11 +168,15 @@ class StateView:
         }
 
     def read_drift(self, source: str) -> dict[str, Any]:
-        """Drift hash of one source: state, images, ood, rate, p_value, null_rate, since, seq, evaluated."""
+        """Drift hash of one source: state, images, ood, (units, unit_ood,) rate, p_value, null_rate, since, seq,
+        evaluated."""
         raw = {as_str(k): as_str(v) for k, v in self.redis.hgetall(self.keys.drift(source)).items()}
         out: dict[str, Any] = {"state": raw.get("state") or "ok"}
         for k in ("images", "ood", "seq", "ver"):
             out[k] = as_int(raw.get(k))
+        for k in ("units", "unit_ood"):  # evidence units (monitor.scenes), written by newer monitors
+            if raw.get(k):
+                out[k] = as_int(raw.get(k))
         for k in ("rate", "p_value", "null_rate", "since", "evaluated"):
             if raw.get(k):
                 out[k] = as_float(raw.get(k))

@@ -420,12 +420,14 @@ class BaseDetector:
         return out, out_stages
 
     def score_pixels(
-        self, x: Tensor, *, stages: bool = False, **options: Any
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+        self, x: Tensor, *, stages: bool = False, features: bool = False, **options: Any
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Preprocessed pixels (N, 3, S, S) from `encoder.preprocess` -> (N,) float64 scores (one batch).
 
         With `stages=True`: (scores, stage_scores) from one encoder pass (and, for DLSR, one reconstruction):
         stage_scores is (N, S) float64 as `score_stages` gives, or None when the model has no per-stage scores.
+        With `features=True`: (scores, stage_scores or None, features) where features is the (N, D) float32
+        encoder output the scores came from (the same pass; stage_scores is None unless `stages=True`).
         """
         self._require_fitted()
         if self.encoder is None:
@@ -433,12 +435,16 @@ class BaseDetector:
                 f"{type(self).__name__} has no encoder: pass encoder= (or load_detector(encoder=))"
             )
         z = self._check_features(self.encoder.encode_pixels(x), fitting=False)
-        if not stages:
-            return self._score_tensor(z, **options).double().cpu().numpy()
-        if not self.has_stage_scores:
-            return self._score_tensor(z, **options).double().cpu().numpy(), None
-        main, per_stage = self._score_tensor_stages(z, **options)
-        return main.double().cpu().numpy(), per_stage.double().cpu().numpy()
+        per_stage_np: np.ndarray | None = None
+        if stages and self.has_stage_scores:
+            main, per_stage = self._score_tensor_stages(z, **options)
+            per_stage_np = per_stage.double().cpu().numpy()
+        else:
+            main = self._score_tensor(z, **options)
+        scores = main.double().cpu().numpy()
+        if features:
+            return scores, per_stage_np, z.float().cpu().numpy()
+        return (scores, per_stage_np) if stages else scores
 
     def stage_p_values(self, stage_scores: np.ndarray) -> np.ndarray | None:
         """(N, S) conformal p-values of per-stage scores against `stage_calibration_scores`, column by column;

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -63,6 +64,7 @@ from dlsr_monitor.common.streams import Headers, Message, Sink, SinkError, Sourc
 from dlsr_monitor.monitor.batching import collect_batch
 from dlsr_monitor.monitor.budget import ByteBudget
 from dlsr_monitor.monitor.drift import DriftTest
+from dlsr_monitor.monitor.scenes import SceneTracker
 from dlsr_monitor.monitor.state import MonitorState, WindowRecord
 
 if TYPE_CHECKING:
@@ -137,6 +139,8 @@ class Scored:
     seconds: float = 0.0  # model time
     # (len(good), S) per-stage p-values against the artifact's stage calibration; None when the model has none
     stage_p_values: np.ndarray | None = None
+    # (len(good), D) encoder features of the same pass, when drift evidence is counted per scene; else None
+    features: np.ndarray | None = None
 
 
 @dataclass
@@ -154,10 +158,19 @@ class Routed:
     latencies_s: list[float] = field(default_factory=list)  # Kafka timestamp to score, per scored image
 
 
-def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, now: float) -> Routed:
+def route(
+    prep: _Prepared,
+    scored: Scored,
+    *,
+    instance: str,
+    ood_alerts: bool,
+    now: float,
+    units: np.ndarray | None = None,
+) -> Routed:
     """Pure: a scored batch -> score records, OOD alerts, dead letters and window records (no I/O).
 
-    An image the model scored as non-finite becomes a dead letter (`score_not_finite`), like an undecodable one.
+    `units`: (len(good),) bool, which scored images open a new drift evidence unit (`monitor.scenes`); None:
+    every one does. An image the model scored as non-finite becomes a dead letter (`score_not_finite`), like an undecodable one.
     Last resort: an exception while routing one message dead-letters that message (`internal_error`, with the
     exception class) and the batch goes on.
     """
@@ -167,8 +180,10 @@ def route(prep: _Prepared, scored: Scored, *, instance: str, ood_alerts: bool, n
         tp = (m.topic, m.partition)
         out.sources.add(meta.source)
         try:
-            one = _route_one(m, meta, score_of.get(i), prep.dead.get(i), prep.handle, scored,
-                             instance=instance, ood_alerts=ood_alerts, now=now)
+            j = score_of.get(i)
+            unit = True if units is None or j is None else bool(units[j])
+            one = _route_one(m, meta, j, prep.dead.get(i), prep.handle, scored,
+                             instance=instance, ood_alerts=ood_alerts, now=now, unit=unit)
         except Exception as exc:  # a bug or an input nobody foresaw: this message only
             log.exception("routing %s:%d:%d failed; dead-lettering it", m.topic, m.partition, m.offset)
             one = _dead_letter(m, meta, "internal_error", f"{type(exc).__name__}: {exc}")
@@ -224,6 +239,7 @@ def _route_one(
     instance: str,
     ood_alerts: bool,
     now: float,
+    unit: bool = True,
 ) -> _Routed1:
     """One message -> (score record, dead letter, window record, OOD alert); exactly one of the first two."""
     if j is not None and not math.isfinite(scored.scores[j]):
@@ -259,7 +275,7 @@ def _route_one(
         **_guarantee(handle),
     )
     key = meta.source.encode()
-    window = WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score)
+    window = WindowRecord(m.offset, meta.source, meta.ts, True, is_ood, score, unit)
     alert = None
     if is_ood and ood_alerts:
         ood = OodAlert(alert_id=f"ood:{meta.image_id}", **facts)
@@ -333,6 +349,12 @@ class MonitorService:
         self._beat_failing = False
         self._broker_ok = True  # the broker answered recently (an empty poll then means idle, not frozen)
         self._no_stage_p: set[str] = set()  # versions whose per-stage p-values failed (logged once each)
+        # Drift evidence per scene: each source's previous frame, in this replica (bounded; see monitor.scenes).
+        self._scenes = (
+            SceneTracker(monitor.drift_scene_distance, monitor.drift_scene_max_s, monitor.drift_scene_sources)
+            if monitor.drift_evidence == "scenes"
+            else None
+        )
 
     # ---- model events (called from the watcher thread) ---------------------------------------------
     def on_model_event(self, event: ModelEvent) -> None:
@@ -459,7 +481,8 @@ class MonitorService:
             return
         scored = self._score(prep)
         routed = route(
-            prep, scored, instance=self.instance, ood_alerts=self.cfg.ood_alerts, now=time.time()
+            prep, scored, instance=self.instance, ood_alerts=self.cfg.ood_alerts, now=time.time(),
+            units=self._units(prep, scored),
         )
         # Redis and the broker may go away at any step: each step is idempotent, so it is retried until they
         # are back (the batch is not committed before every step is done).
@@ -513,10 +536,14 @@ class MonitorService:
         threshold, cal = self._threshold(prep.handle)
         detector = prep.handle.detector
         stage_cal = getattr(detector, "stage_calibration_scores", None)
-        scores, stage_scores, seconds = np.empty(0), None, 0.0
+        scores, stage_scores, features, seconds = np.empty(0), None, None, 0.0
         if prep.good:
             t0 = time.perf_counter()
-            if stage_cal is not None:
+            if self._scenes is not None and _returns_features(detector):
+                scores, stage_scores, features = detector.score_pixels(
+                    prep.pixels, stages=stage_cal is not None, features=True
+                )
+            elif stage_cal is not None:
                 scores, stage_scores = detector.score_pixels(prep.pixels, stages=True)
             else:
                 scores = detector.score_pixels(prep.pixels)
@@ -527,7 +554,16 @@ class MonitorService:
             pvals = np.asarray(p_values(np.asarray(cal), scores), dtype=np.float64)
         else:
             pvals = np.full(scores.shape, float("nan"))
-        return Scored(scores, pvals, threshold, seconds, self._stage_p_values(prep, stage_cal, stage_scores))
+        return Scored(
+            scores, pvals, threshold, seconds, self._stage_p_values(prep, stage_cal, stage_scores), features
+        )
+
+    def _units(self, prep: _Prepared, scored: Scored) -> np.ndarray | None:
+        """Which scored images open a new drift evidence unit (None: every one, as without de-duplication)."""
+        if self._scenes is None or scored.features is None or not prep.good:
+            return None
+        metas = [prep.metas[i] for i in prep.good]
+        return self._scenes.new_units([m.source for m in metas], [m.ts for m in metas], scored.features)
 
     def _stage_p_values(self, prep: _Prepared, stage_cal: Any, stage_scores: Any) -> np.ndarray | None:
         """(N, S) per-stage p-values, or None: the records then simply carry no `layers` / `shift` (evidence
@@ -562,7 +598,9 @@ class MonitorService:
             clear_p=self.cfg.drift_clear_p,
             min_images=self.cfg.drift_min_images,
         )
-        return self.state.evaluate_drift(routed.sources, test, model_version=handle.version)
+        return self.state.evaluate_drift(
+            routed.sources, test, model_version=handle.version, evidence=self.cfg.drift_evidence
+        )
 
     def _emit(self, routed: Routed, alerts: list[DriftAlert | ModelAlert]) -> None:
         """Produce everything, then wait for the acknowledgements (SinkError when the broker refuses; a retry
@@ -746,6 +784,15 @@ class MonitorService:
         self._prep.shutdown(wait=True)
         self.source.close()
         self.sink.close()
+
+
+def _returns_features(detector: Any) -> bool:
+    """Whether `detector.score_pixels` can hand back its encoder features (BaseDetector can; a stand-in or an
+    older class cannot, and then every image counts as drift evidence)."""
+    try:
+        return "features" in inspect.signature(detector.score_pixels).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from dlsr_monitor.config.settings import MonitorSettings
 
 # KEYS: 1 watermark, 2 sources zset, 3 recent alerts list, 4.. bucket hashes then drift hashes
-# ARGV: 1 JSON {r: [[offset, bucket_key_idx, drift_key_idx, scored, ood, score, source, ts], ...],
+# ARGV: 1 JSON {r: [[offset, bucket_key_idx, drift_key_idx, scored, ood, score, source, ts, unit], ...],
 #              a: [[offset, alert_json], ...], ttl, recent_max}
 _APPLY = """
 local wm = tonumber(redis.call('GET', KEYS[1]) or '-1')
@@ -53,6 +53,12 @@ for _, r in ipairs(p.r) do
       redis.call('HINCRBY', key, 'images', 1)
       if r[5] == 1 then redis.call('HINCRBY', key, 'ood', 1) end
       redis.call('HINCRBYFLOAT', key, 'score_sum', r[6])
+      if r[9] == 1 then
+        redis.call('HINCRBY', key, 'units', 1)
+        if r[5] == 1 then redis.call('HINCRBY', key, 'unit_ood', 1) end
+      else
+        redis.call('HINCRBY', key, 'units', 0)
+      end
     else
       redis.call('HINCRBY', key, 'dead', 1)
     end
@@ -111,6 +117,7 @@ class WindowRecord:
     scored: bool
     is_ood: bool = False
     score: float = 0.0
+    unit: bool = True  # opens a new drift evidence unit (monitor.scenes); every image does without de-duplication
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ class MonitorState:
             b = idx(self.keys.window_bucket(r.source, self.bucket_of(r.ts)))
             d = idx(self.keys.drift(r.source))
             score = float(r.score) if math.isfinite(r.score) else 0.0
-            rows.append([int(r.offset), b, d, int(r.scored), int(r.is_ood), score, r.source, float(r.ts)])
+            rows.append([int(r.offset), b, d, int(r.scored), int(r.is_ood), score, r.source, float(r.ts), int(r.unit)])
         payload = {
             "r": rows,
             "a": [[int(o), a] for o, a in alerts],
@@ -218,21 +225,36 @@ class MonitorState:
         return ApplyResult(int(applied), int(skipped))
 
     def evaluate_drift(
-        self, sources: Iterable[str], test: DriftTest, *, model_version: str | None = None, retries: int = 5
+        self,
+        sources: Iterable[str],
+        test: DriftTest,
+        *,
+        model_version: str | None = None,
+        retries: int = 5,
+        evidence: str = "frames",
     ) -> list[DriftAlert]:
         """Decide drift for each source from the shared window; return the alerts to produce.
 
-        Returns transitions made now plus earlier ones not yet confirmed emitted (call `mark_drift_emitted`
-        once the broker acknowledged them).
+        `evidence`: "frames" tests every image's flag; "scenes" tests the flags of evidence units
+        (`monitor.scenes`: one per new scene), so correlated frames of one scene count once. Returns transitions
+        made now plus earlier ones not yet confirmed emitted (call `mark_drift_emitted` once the broker
+        acknowledged them).
         """
+        if evidence not in ("frames", "scenes"):
+            raise ValueError(f"evidence must be 'frames' or 'scenes', got {evidence!r}")
         out: list[DriftAlert] = []
         for source in sorted(set(sources)):
             for _ in range(retries):
                 snap = self._drift_snapshot(source)
-                decision = test.evaluate(snap["state"], snap["images"], snap["ood"])
+                if evidence == "scenes":
+                    decision = test.evaluate(snap["state"], snap["units"], snap["unit_ood"])
+                else:
+                    decision = test.evaluate(snap["state"], snap["images"], snap["ood"])
                 window = WindowStats(
-                    images=decision.images,
-                    ood=decision.ood,
+                    images=snap["images"],
+                    ood=snap["ood"],
+                    units=snap["units"],
+                    unit_ood=snap["unit_ood"],
                     rate=decision.rate,
                     null_rate=decision.null_rate,
                     p_value=decision.p_value,
@@ -242,8 +264,10 @@ class MonitorState:
                 )
                 fields = {
                     "state": decision.state,
-                    "images": decision.images,
-                    "ood": decision.ood,
+                    "images": snap["images"],
+                    "ood": snap["ood"],
+                    "units": snap["units"],
+                    "unit_ood": snap["unit_ood"],
                     "rate": decision.rate,
                     "p_value": decision.p_value,
                     "null_rate": decision.null_rate,
@@ -291,14 +315,18 @@ class MonitorState:
         buckets = list(range(top - self.window_buckets + 1, top + 1))
         pipe = self.redis.pipeline(transaction=True)  # MULTI/EXEC: one consistent snapshot
         for b in buckets:
-            pipe.hmget(self.keys.window_bucket(source, b), "images", "ood")
+            pipe.hmget(self.keys.window_bucket(source, b), "images", "ood", "units", "unit_ood")
         pipe.hmget(self.keys.drift(source), "state", "ver", "seq", "emitted", "alert")
         pipe.zscore(self.keys.sources(), source)
         res = pipe.execute()
         if res[-1] is not None and self.bucket_of(float(res[-1])) != top:
             return self._drift_snapshot(source)  # the window moved between the two reads
-        images = sum(as_int(r[0]) for r in res[: len(buckets)])
-        ood = sum(as_int(r[1]) for r in res[: len(buckets)])
+        counts = res[: len(buckets)]
+        images = sum(as_int(r[0]) for r in counts)
+        ood = sum(as_int(r[1]) for r in counts)
+        # A bucket without `units` was written by a monitor older than evidence units: its images count as units.
+        units = sum(as_int(r[2] if r[2] is not None else r[0]) for r in counts)
+        unit_ood = sum(as_int(r[3] if r[2] is not None else r[1]) for r in counts)
         state, ver, seq, emitted, alert = res[len(buckets)]
         return {
             "state": "raised" if as_str(state) == "raised" else "ok",
@@ -308,6 +336,8 @@ class MonitorState:
             "alert": as_str(alert),
             "images": images,
             "ood": ood,
+            "units": units,
+            "unit_ood": unit_ood,
             "since": float(buckets[0] * self.bucket_s),
             "until": float((top + 1) * self.bucket_s),
         }

@@ -386,3 +386,24 @@ def test_realised_rates_follow_the_beta_law_on_exchangeable_scores():
         stats.beta.sf(alpha, n - k + 1, k)
     )
     assert above <= delta < exact_law(n, k - 1, alpha)[1] and exact_law(n, n + 1, alpha) == (0.0, 0.0)
+
+
+def test_bench_drift(tiny_args, tmp_path, capsys):
+    out = tmp_path / "d.json"
+    rc = main(
+        ["bench", "drift", *tiny_args, "--train-size", "80", "--cal-size", "40", "--epochs", "1", "--alpha", "0.05",
+         "--pool-clips", "3", "--shift-clips", "2", "--frames", "4000", "--seeds", "2", "--shift-at", "2000",
+         "--after", "1500", "--eval-every", "50", "--json", str(out)]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| test | stream | false alarms / 100k frames" in printed and "whole clips from a pool" in printed
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [(r["test"], r["stream"]) for r in rows] == [("old", "iid"), ("new", "iid"), ("old", "video"),
+                                                       ("new", "video")]
+    for r in rows:
+        assert r["false_alarms_per_100k"] >= 0 and len(r["false_alarms_per_seed"]) == 2
+        for k in ("delay_ood_frames", "delay_corrupt_frames"):
+            assert r[k] is None or 0 < r[k] <= 1500
+    assert payload["meta"]["pool"]["id_clips"] == 3 and payload["meta"]["frames"] == 4000

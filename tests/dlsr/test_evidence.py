@@ -138,6 +138,14 @@ def test_score_pixels_gives_both_from_one_encoder_pass(kind) -> None:
     np.testing.assert_allclose(scores, det.score_pixels(pixels[50:]), rtol=1e-6)
     np.testing.assert_allclose(stages, det.score_stages(feats[50:]), rtol=1e-6, atol=1e-12)
     assert isinstance(det.score_pixels(pixels[50:]), np.ndarray)  # without stages=: the scores as before
+    enc.passes = 0
+    scores_f, stages_f, z = det.score_pixels(pixels[50:], stages=True, features=True)
+    assert enc.passes == 1  # the features come from the same pass
+    np.testing.assert_allclose(z, feats[50:], rtol=1e-6)
+    np.testing.assert_allclose(scores_f, scores, rtol=1e-6)
+    np.testing.assert_allclose(stages_f, stages, rtol=1e-6, atol=1e-12)
+    s_only, none, z2 = det.score_pixels(pixels[50:], features=True)
+    assert none is None and z2.dtype == np.float32 and z2.shape == (10, D)
 
 
 # -- calibration, p-values, reference sample -------------------------------------------------------------

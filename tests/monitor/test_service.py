@@ -424,3 +424,44 @@ def test_decoded_pixels_in_flight_stay_within_the_budget(make_service):
     svc.run(threading.Event(), until_idle=True)
     assert len(sink.on("scores")) == 8
     assert one <= svc._budget.peak <= int(one * 1.5) and svc._budget.in_use == 0
+
+
+class FeatureDetector(BrightnessDetector):
+    """Hands back its 'encoder features' (the pixels) from the same pass, like BaseDetector.score_pixels."""
+
+    def score_pixels(self, x, stages=False, features=False):
+        s = super().score_pixels(x)
+        if features:
+            angle = np.pi * s  # grey level -> direction: frames of one level coincide, others point elsewhere
+            return s, None, np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        return (s, None) if stages else s
+
+
+def _frames(values, source="cam", ms_per_frame=33):
+    """One source's frames (grey levels), 30 fps in event time."""
+    return [
+        Message("in", 0, i, _png(v), key=source.encode(), timestamp_ms=TS + i * ms_per_frame)
+        for i, v in enumerate(values)
+    ]
+
+
+@pytest.mark.parametrize("evidence", ["scenes", "frames"])
+def test_a_still_scene_is_one_unit_of_drift_evidence(make_service, evidence) -> None:
+    # 60 frames of one bright (OOD) scene, then 30 frames that are each a new scene (different grey levels).
+    values = [240] * 60 + list(range(100, 250, 5))
+    svc = make_service(MemorySource(_frames(values)), detector=FeatureDetector(), drift_evidence=evidence,
+                       drift_scene_distance=1e-4)
+    svc.run(threading.Event(), until_idle=True)
+    d = view(svc).read_drift("cam")
+    assert (d["images"], d["ood"]) == (90, 60 + sum(v > 127 for v in values[60:]))  # images counted as before
+    if evidence == "scenes":
+        assert (d["units"], d["unit_ood"]) == (31, 1 + sum(v > 127 for v in values[60:]))
+    else:
+        assert (d["units"], d["unit_ood"]) == (90, d["ood"])  # every image is a unit
+
+
+def test_a_model_without_features_counts_every_image(make_service) -> None:
+    svc = make_service(MemorySource(_frames([20] * 40)), drift_evidence="scenes")
+    svc.run(threading.Event(), until_idle=True)
+    d = view(svc).read_drift("cam")
+    assert (d["images"], d["units"]) == (40, 40)

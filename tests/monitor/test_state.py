@@ -99,3 +99,26 @@ def test_heartbeats_expire_and_are_listed(state, view):
     assert beats[0]["rate"] == pytest.approx(12.5)
     state.remove_heartbeat("m1")
     assert view.read_heartbeats() == []
+
+
+def test_units_are_counted_next_to_images_and_drift_can_test_either(state, view, redis_client, keys):
+    # 100 images, 40 flagged, but only every 20th opens an evidence unit (5 scenes, the first flagged).
+    recs = [WindowRecord(o, "camA", T0, True, o < 40, 0.5, unit=o % 20 == 0) for o in range(100)]
+    state.apply_batch("g", "in", 0, recs)
+    test = DriftTest(alpha=0.01, min_images=5)
+    assert state.evaluate_drift(["camA"], test, evidence="scenes") == []  # 2 of 5 units flagged: not enough
+    d = view.read_drift("camA")
+    assert (d["images"], d["ood"], d["units"], d["unit_ood"], d["state"]) == (100, 40, 5, 2, "ok")
+    assert d["rate"] == pytest.approx(0.4)
+    raised = state.evaluate_drift(["camA"], test, evidence="frames")  # counted per image the same window raises
+    assert [(a.state, a.window.images, a.window.units) for a in raised] == [("raised", 100, 5)]
+    with pytest.raises(ValueError, match="evidence"):
+        state.evaluate_drift(["camA"], test, evidence="clips")
+
+
+def test_buckets_written_before_units_count_their_images_as_units(state, view, redis_client, keys):
+    # A bucket from an older monitor has images and ood only: its images are its units.
+    redis_client.hset(keys.window_bucket("camB", state.bucket_of(T0)), mapping={"images": 60, "ood": 30})
+    redis_client.zadd(keys.sources(), {"camB": T0})
+    alerts = state.evaluate_drift(["camB"], DriftTest(alpha=0.01, min_images=5), evidence="scenes")
+    assert [(a.state, a.window.units, a.window.unit_ood) for a in alerts] == [("raised", 60, 30)]
